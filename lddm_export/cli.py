@@ -1,0 +1,78 @@
+"""`lddm-export`: the command-line entry point.
+
+Each command lives in lddm_export/commands/<name>.py and exposes a click command named
+`command`; commands are imported only when invoked, so `lddm-export --help` and the
+TensorRT-only paths start without importing torch or training/.
+
+Every user-facing failure is an LddmError (or a checkpoint/config error) whose message is one
+sentence; main() prints it and exits 1 without a traceback. Ctrl-C exits 130.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+COMMANDS = {
+    "build": "checkpoint -> bundle: ONNX FP32/FP16 graphs, TensorRT engines, manifest",
+    "inspect": "show a bundle's manifest as a table",
+    "doctor": "what this machine has (torch, onnxruntime, TensorRT, CUDA, GPU) and can do",
+    "sample": "sample from a bundle with a backend (torch, ort, trt)",
+    "bench": "time the sampling loop per step on a bundle",
+    "verify": "three-level numerical parity of a bundle against its checkpoint",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return list(COMMANDS)
+
+    def get_command(self, ctx, name):
+        if name not in COMMANDS:
+            return None
+        return importlib.import_module(f"lddm_export.commands.{name}").command
+
+    def format_commands(self, ctx, formatter):
+        with formatter.section("Commands"):
+            formatter.write_dl(list(COMMANDS.items()))
+
+
+@click.group(cls=LazyGroup)
+@click.version_option(package_name="lddm-export")
+def cli():
+    """Train-to-deploy toolchain for latent discrete diffusion models."""
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The exception types whose message is meant for the user (imported lazily)."""
+    from runtimes.errors import LddmError
+    errors: list[type[BaseException]] = [LddmError]
+    if "training" in sys.modules or "training.checkpoint" in sys.modules:
+        from training.checkpoint import CheckpointError
+        from training.config import ConfigError
+        errors += [CheckpointError, ConfigError]
+    return tuple(errors)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cli.main(args=argv, prog_name="lddm-export", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("lddm-export: interrupted; nothing was left half-written", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("lddm-export: interrupted; nothing was left half-written", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except Exception as e:
+        if isinstance(e, user_errors()):
+            click.echo(f"lddm-export: error: {e}", err=True)
+            sys.exit(1)
+        raise
+
+
+if __name__ == "__main__":
+    main()
