@@ -1,0 +1,210 @@
+"""Reference samplers: the noise protocol, the two updates, SUBS, determinism and errors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from training.config import PRESETS, ModelConfig
+from training.model import LDDM
+from training.sampling import (ddim_step, make_draws, sample, sample_fuji, sample_mdlm,
+                               sample_seq, time_grid, token_step)
+
+L = 16
+
+
+def tiny_model(variant: str, vocab_size: int = 5) -> LDDM:
+    """A tiny model whose zero-initialised heads are randomised, so its outputs depend on x, y, t."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(variant=variant, vocab_size=vocab_size, seq_len=L, n_latent=2, latent_dim=4,
+                      **PRESETS["tiny"])
+    model = LDDM(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return model.eval()
+
+
+@pytest.fixture(scope="module", params=["mdlm", "fuji", "seq"])
+def model(request):
+    return tiny_model(request.param)
+
+
+def run(model: LDDM, seed: int, steps: int, batch: int = 3, on_step=None, latent_steps: int = 4, **kw):
+    draws = make_draws(seed, batch, model.cfg, steps)
+    if model.cfg.variant == "mdlm":
+        return sample_mdlm(model, draws, steps, on_step=on_step, **kw)
+    if model.cfg.variant == "fuji":
+        return sample_fuji(model, draws, steps, on_step=on_step, **kw)
+    return sample_seq(model, draws, steps, latent_steps, on_step=on_step, **kw)
+
+
+# ----------------------------------------------------------------------------- noise protocol
+
+def test_draws_follow_the_contract_order():
+    cfg = tiny_model("fuji").cfg
+    draws = make_draws(7, 3, cfg, 5)
+    rng = np.random.default_rng(7)
+    y_init = rng.standard_normal((3, cfg.n_latent, cfg.latent_dim)).astype(np.float32)
+    u = rng.random((5, 3, L))
+    assert draws["y_init"].dtype == np.float32 and draws["u"].dtype == np.float64
+    np.testing.assert_array_equal(draws["y_init"], y_init)
+    np.testing.assert_array_equal(draws["u"], u)
+
+
+def test_mdlm_draws_have_no_latent():
+    draws = make_draws(7, 3, tiny_model("mdlm").cfg, 5)
+    assert set(draws) == {"u"}
+    np.testing.assert_array_equal(draws["u"], np.random.default_rng(7).random((5, 3, L)))
+
+
+def test_time_grid_runs_from_noise_to_data():
+    assert time_grid(4) == [1.0, 0.75, 0.5, 0.25, 0.0]
+
+
+# ----------------------------------------------------------------------------- the updates
+
+def test_token_step_matches_the_bridge_probabilities():
+    V, mask_id, n = 4, 3, 200_000
+    p = torch.tensor([0.5, 0.3, 0.2, 0.0])
+    log_probs = torch.log(p.clamp_min(1e-30)).expand(1, n, V).clone()
+    log_probs[..., mask_id] = -1e4
+    x_t = torch.full((1, n), mask_id)
+    u = torch.from_numpy(np.random.default_rng(0).random((1, n)))
+    alpha_t, alpha_s = 0.2, 0.6
+    x_s = token_step(x_t, log_probs, u, alpha_t, alpha_s, mask_id)
+    freq = torch.bincount(x_s.flatten(), minlength=V).double() / n
+    expected = torch.cat([p[:3] * (alpha_s - alpha_t), torch.tensor([1 - alpha_s])]).double() / (1 - alpha_t)
+    torch.testing.assert_close(freq, expected, atol=5e-3, rtol=0)
+
+
+def test_token_step_keeps_unmasked_tokens_and_unmasks_all_at_s0():
+    V, mask_id = 3, 2
+    x_t = torch.tensor([[0, 1, 2, 2, 2]])
+    log_probs = torch.log_softmax(torch.tensor([2.0, -1.0, -1e4]), -1).expand(1, 5, V)
+    u = torch.tensor([[0.99, 0.99, 0.1, 0.5, 0.999]], dtype=torch.float64)
+    x_s = token_step(x_t, log_probs, u, alpha_t=0.5, alpha_s=1.0, mask_id=mask_id)
+    assert x_s[0, :2].tolist() == [0, 1]
+    assert (x_s != mask_id).all()
+
+
+def test_ddim_step_is_exact_for_a_perfect_denoiser():
+    g = torch.Generator().manual_seed(0)
+    y0, eps = torch.randn(2, 3, 4, generator=g), torch.randn(2, 3, 4, generator=g)
+    a_t, a_s = 0.3, 0.8
+    sig_t, sig_s = (1 - a_t ** 2) ** 0.5, (1 - a_s ** 2) ** 0.5
+    y_s = ddim_step(a_t * y0 + sig_t * eps, y0, a_t, sig_t, a_s, sig_s)
+    torch.testing.assert_close(y_s, a_s * y0 + sig_s * eps, atol=1e-6, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- the samplers
+
+def test_same_seed_same_samples(model):
+    a, b = run(model, 3, 4), run(model, 3, 4)
+    assert torch.equal(a.tokens, b.tokens)
+    if model.cfg.has_latent:
+        assert torch.equal(a.latent, b.latent)
+
+
+def test_different_seeds_differ(model):
+    a, b = run(model, 3, 4, batch=8), run(model, 4, 4, batch=8)
+    assert not torch.equal(a.tokens, b.tokens)
+    if model.cfg.has_latent:
+        assert not torch.allclose(a.latent, b.latent)
+
+
+def test_subs_mask_never_emitted_and_unmasked_tokens_never_change(model):
+    mask_id = model.cfg.mask_id
+    chain = []
+    out = run(model, 5, 8, batch=6, on_step=lambda k, x: chain.append(x.clone()))
+    assert len(chain) == 8 and torch.equal(chain[-1], out.tokens)
+    assert out.tokens.dtype == torch.int64 and out.tokens.shape == (6, L)
+    assert (out.tokens != mask_id).all() and (out.tokens >= 0).all()
+    for before, after in zip(chain, chain[1:]):
+        unmasked = before != mask_id
+        assert torch.equal(after[unmasked], before[unmasked])
+    # With 8 steps some tokens must stay masked past step 0, so the carry-over is exercised.
+    assert (chain[0] == mask_id).any()
+
+
+def test_one_step_unmasks_everything(model):
+    out = run(model, 0, 1, batch=5, latent_steps=1)
+    assert (out.tokens != model.cfg.mask_id).all()
+
+
+def test_latent_shape_and_finite(model):
+    out = run(model, 1, 3, batch=4)
+    cfg = model.cfg
+    if not cfg.has_latent:
+        assert out.latent is None
+        return
+    assert out.latent.dtype == torch.float32
+    assert out.latent.shape == (4, cfg.n_latent, cfg.latent_dim)
+    assert torch.isfinite(out.latent).all()
+
+
+def test_float32_draws_give_valid_tokens(model):
+    out = run(model, 2, 4, batch=4, float64=False)
+    assert (out.tokens != model.cfg.mask_id).all()
+
+
+def test_mdlm_cache_skips_calls_when_nothing_changed():
+    model = tiny_model("mdlm")
+    calls = []
+    handle = model.denoiser.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        chain = [torch.full((1, L), model.cfg.mask_id)]  # the input of step 0
+        sample_mdlm(model, make_draws(0, 1, model.cfg, 64), 64, cache=True,
+                    on_step=lambda k, x: chain.append(x.clone()))
+        # step k >= 1 reuses the cache when step k - 1 left x unchanged
+        unchanged = sum(torch.equal(a, b) for a, b in zip(chain[:-2], chain[1:-1]))
+        assert unchanged > 0
+        assert len(calls) == 64 - unchanged
+        calls.clear()
+        sample_mdlm(model, make_draws(0, 1, model.cfg, 64), 64, cache=False)
+        assert len(calls) == 64
+    finally:
+        handle.remove()
+
+
+def test_sample_batches_with_seed_plus_b():
+    model = tiny_model("seq")
+    out = sample(model, seed=10, num=5, steps=2, latent_steps=3, batch_size=2)
+    parts = [sample_seq(model, make_draws(10 + b, n, model.cfg, 2), 2, 3) for b, n in enumerate([2, 2, 1])]
+    assert torch.equal(out.tokens, torch.cat([p.tokens for p in parts]))
+    assert torch.equal(out.latent, torch.cat([p.latent for p in parts]))
+
+
+# ----------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(steps=0), "steps must be a positive integer"),
+    (dict(steps=2, num=-1), "num must be a positive integer"),
+    (dict(steps=2, batch_size=0), "batch_size must be a positive integer"),
+    (dict(steps=2, latent_steps=2), "latent_steps applies to seq models only"),
+    (dict(steps=2, cache=True), None),
+])
+def test_sample_rejects_bad_arguments(kwargs, match):
+    args = dict(seed=0, num=2) | kwargs
+    model = tiny_model("mdlm")
+    if match is None:  # cache is valid for mdlm
+        assert sample(model, **args).tokens.shape == (2, L)
+        with pytest.raises(ValueError, match="cache applies to mdlm models only"):
+            sample(tiny_model("fuji"), **args)
+        return
+    with pytest.raises(ValueError, match=match):
+        sample(model, **args)
+
+
+def test_sampler_rejects_wrong_variant_and_mismatched_draws():
+    fuji = tiny_model("fuji")
+    with pytest.raises(ValueError, match="sample_mdlm needs a 'mdlm' model"):
+        sample_mdlm(fuji, make_draws(0, 2, fuji.cfg, 2), 2)
+    with pytest.raises(ValueError, match=r"draws\['u'\] must have shape"):
+        sample_fuji(fuji, make_draws(0, 2, fuji.cfg, 3), 2)
+    with pytest.raises(ValueError, match=r"draws\['y_init'\] must have shape"):
+        sample_fuji(fuji, make_draws(0, 2, tiny_model("mdlm").cfg, 2), 2)
+    with pytest.raises(ValueError, match="latent_steps must be a positive integer"):
+        sample_seq(tiny_model("seq"), make_draws(0, 2, fuji.cfg, 2), 2, 0)
+    with pytest.raises(ValueError, match="not a diffusion model"):
+        sample(tiny_model("ar"), 0, 2, 2)
