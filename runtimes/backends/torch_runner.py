@@ -1,0 +1,142 @@
+"""The torch backend: the reference graph modules, rebuilt from the checkpoint the bundle records.
+
+The checkpoint is found through the manifest ("checkpoint": {"path", "sha256"}) or given
+explicitly; either way its sha256 must be the one recorded, so the reference is the model the
+bundle's graphs were exported from. training/ is imported lazily, on activation, so a deployed
+runtime without training/ still imports this module.
+
+On a GPU, `use_cuda_graph=True` captures one CUDA graph per batch size (static input and
+output buffers, captured on first use) and replays it: one launch per call instead of one per
+kernel, which is what makes small batches fast.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from runtimes.base import Runner
+from runtimes.bundle import Bundle, sha256_file
+from runtimes.errors import BackendUnavailable, BundleError
+from runtimes.spec import DTYPES
+
+WARMUP_CALLS = 3  # eager calls on a side stream before capture (cuBLAS/cuDNN workspaces, lazy init)
+
+
+class CheckpointModules:
+    """Lazy loader (shared by a bundle's runners): the graph modules of the recorded checkpoint.
+
+    Args:
+        bundle: the opened bundle.
+        ckpt: an explicit checkpoint path, or None to use the path the manifest records.
+    """
+
+    def __init__(self, bundle: Bundle, ckpt: str | Path | None = None):
+        self.bundle, self.ckpt = bundle, ckpt
+        self._modules: dict[str, torch.nn.Module] | None = None
+
+    def checkpoint_path(self) -> Path:
+        """The checkpoint to load, checked against the manifest's sha256. Raises BundleError."""
+        recorded = self.bundle.manifest["checkpoint"] or {}
+        want = recorded.get("sha256")
+        if self.ckpt is not None:
+            path, source = Path(self.ckpt), "--ckpt"
+        else:
+            if not recorded.get("path"):
+                raise BundleError(f"bundle {self.bundle.root} records no checkpoint path; pass --ckpt model.pt "
+                                  f"for the torch backend")
+            path, source = Path(recorded["path"]), "the manifest"
+            if not path.is_absolute():
+                path = self.bundle.root / path
+        if not path.is_file():
+            raise BundleError(f"checkpoint {path} (from {source}) does not exist; pass the bundle's model.pt "
+                              f"with --ckpt for the torch backend")
+        if want and sha256_file(path) != want:
+            raise BundleError(f"checkpoint {path} (from {source}) is not the one bundle {self.bundle.root} was "
+                              f"built from (sha256 differs); pass the original model.pt with --ckpt or rebuild "
+                              f"the bundle")
+        return path
+
+    def __call__(self) -> dict[str, torch.nn.Module]:
+        if self._modules is None:
+            from training.checkpoint import load_checkpoint
+            from training.model import graph_modules
+
+            model, _ = load_checkpoint(self.checkpoint_path())
+            if model.cfg.variant != self.bundle.variant:
+                raise BundleError(f"checkpoint is a {model.cfg.variant} model but bundle {self.bundle.root} "
+                                  f"is {self.bundle.variant}; pass the bundle's own model.pt")
+            self._modules = graph_modules(model)
+        return self._modules
+
+
+class TorchRunner(Runner):
+    """One graph of the reference model, eager or CUDA-graphed.
+
+    Args:
+        bundle: the opened bundle (graph spec, checkpoint record, batch profile).
+        graph: the graph name, e.g. "denoiser".
+        device: "cpu" or "cuda[:i]".
+        modules: a CheckpointModules shared by the bundle's runners (loads the model once);
+            None builds one from `ckpt`.
+        ckpt: an explicit checkpoint path (used when `modules` is None).
+        use_cuda_graph: replay one captured CUDA graph per batch size (CUDA devices only).
+            The returned tensors are then the graph's static output buffers, overwritten by the
+            next call at the same batch size: clone what must outlive it.
+        max_batch: the largest batch accepted (the bundle's batch profile), or None.
+    """
+
+    backend = "torch"
+
+    def __init__(self, bundle: Bundle, graph: str, device: str = "cpu",
+                 modules: CheckpointModules | None = None, ckpt: str | Path | None = None,
+                 use_cuda_graph: bool = False, max_batch: int | None = None):
+        super().__init__(bundle.spec(graph), device, max_batch)
+        if use_cuda_graph and self.device.type != "cuda":
+            raise BackendUnavailable(f"CUDA graphs need a CUDA device, got --device {device}; "
+                                     f"use --device cuda or turn CUDA graphs off")
+        self.graph = graph
+        self.modules = modules or CheckpointModules(bundle, ckpt)
+        self.use_cuda_graph = use_cuda_graph
+        self._module: torch.nn.Module | None = None
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict, dict]] = {}
+
+    def _activate_impl(self) -> None:
+        self._module = self.modules()[self.graph].to(self.device).eval()
+
+    def _deactivate_impl(self) -> None:
+        self._module, self._graphs = None, {}
+
+    @torch.inference_mode()
+    def _run_module(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        outputs = self._module(*(feed[name] for name in self.spec.input_names))
+        if isinstance(outputs, torch.Tensor):
+            outputs = (outputs,)
+        return dict(zip(self.spec.output_names, outputs))
+
+    def _infer_impl(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        feed = {name: x.to(self.device) for name, x in feed.items()}
+        if not self.use_cuda_graph:
+            return self._run_module(feed)
+        graph, static_in, static_out = self._captured(feed[self.spec.input_names[0]].shape[0])
+        for name, x in feed.items():
+            static_in[name].copy_(x)
+        graph.replay()
+        return dict(static_out)
+
+    def _captured(self, batch: int):
+        """The CUDA graph of this batch size, captured on first use."""
+        if batch not in self._graphs:
+            static_in = {s.name: torch.zeros(s.concrete_shape(batch), dtype=DTYPES[s.dtype], device=self.device)
+                         for s in self.spec.inputs}
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(WARMUP_CALLS):
+                    self._run_module(static_in)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = self._run_module(static_in)
+            self._graphs[batch] = (graph, static_in, static_out)
+        return self._graphs[batch]

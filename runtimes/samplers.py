@@ -1,0 +1,239 @@
+"""The MDLM, FUJI and SEQ sampling loops, written once against the Runner interface.
+
+A sampler owns the schedule, the noise and the loop; the graphs are pure functions behind
+runners (runtimes/base.py), so the same loop runs on the torch reference, ONNX Runtime and
+TensorRT, and two backends fed the same Noise can be compared token by token.
+
+The arithmetic follows docs/contracts.md exactly (it is what training/sampling.py computes):
+- time grid t_k = 1 - k / T; step k evaluates the network at t = t_k and moves to s = t_{k+1};
+- token step: the MDLM bridge with SUBS carry-over, the categorical draw in float64 by default
+  (`float64_draws=False` trades it for float32, see RESULTS.md for its effect);
+- latent step: DDIM with eta = 0; the final latent is the last y0_hat.
+
+Every tensor op runs on the runners' device: the noise is copied there once, up front, and no
+[B, L, V] tensor ever returns to the host, so on a GPU the loop only launches kernels.
+
+Step-by-step use (progress bars, streaming):
+
+    sampler = Sampler.from_bundle(bundle, runners)
+    for step in sampler.steps(noise, latent_steps=8):
+        print(step.phase, step.index, step.total)
+    result = sampler.sample(noise, latent_steps=8)      # the same loop, run to the end
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from runtimes.base import Runner
+from runtimes.errors import LddmError
+from runtimes.noise import Noise
+from runtimes.schedules import LatentSchedule, MaskSchedule, from_manifest, time_grid
+
+GRAPHS = {"mdlm": ("denoiser",), "fuji": ("denoiser",), "seq": ("latent_denoiser", "token_denoiser")}
+
+
+@dataclass
+class Step:
+    """The state after one step of a chain, as Sampler.steps() yields it.
+
+    Attributes:
+        phase: "token" (an unmasking step) or "latent" (a SEQ latent-chain step).
+        index: 0-based step number within its chain; total: steps in that chain.
+        t, s: the step went from time t to time s < t.
+        x: tokens after the step, int64 [B, L] (all mask during the SEQ latent chain).
+        y: the running latent after the step, float32 [B, P, D] (SEQ token chain: the clean y0);
+            None for mdlm.
+        y0_hat: the network's latent estimate at this step, float32 [B, P, D]; None for mdlm and
+            for SEQ token steps.
+        network_called: False when MDLM caching reused the previous step's log_probs.
+    """
+
+    phase: str
+    index: int
+    total: int
+    t: float
+    s: float
+    x: torch.Tensor
+    y: torch.Tensor | None
+    y0_hat: torch.Tensor | None
+    network_called: bool = True
+
+
+@dataclass
+class SampleResult:
+    """tokens: int64 [B, L]; latent: float32 [B, P, D] (fuji: last y0_hat, seq: y0) or None."""
+
+    tokens: torch.Tensor
+    latent: torch.Tensor | None
+
+
+def token_step(x_t: torch.Tensor, log_probs: torch.Tensor, u: torch.Tensor, alpha_t: float,
+               alpha_s: float, mask_id: int, float64: bool = True) -> torch.Tensor:
+    """One MDLM bridge step from t to s with SUBS carry-over (docs/contracts.md).
+
+    Args:
+        x_t: int64 [B, L] tokens at time t.
+        log_probs: float32 [B, L, V] log p(x0 | x_t), the mask column a large finite negative.
+        u: uniforms [B, L] (float64) for this step's categorical draws.
+        alpha_t, alpha_s: the masking schedule at t and s (Python floats, alpha_s >= alpha_t).
+        mask_id: the mask token's id (V - 1).
+        float64: draw in float64 (the paper, the default) or in float32 (faster).
+    Returns:
+        int64 [B, L] tokens at time s: masked tokens unmasked or kept masked by the draw,
+        unmasked tokens carried over unchanged.
+    """
+    dtype = torch.float64 if float64 else torch.float32
+    q = log_probs.to(dtype).exp() * (alpha_s - alpha_t)     # unmask to token v
+    q[..., mask_id] = 1 - alpha_s                          # stay masked
+    cdf = q.cumsum(-1)
+    # Dividing by 1 - alpha_t normalises q; it is folded into the scaled uniform instead.
+    target = (u.to(dtype) * cdf[..., -1]).unsqueeze(-1)    # (B, L, 1)
+    x_new = torch.searchsorted(cdf, target).squeeze(-1).clamp_max(q.shape[-1] - 1)
+    return torch.where(x_t == mask_id, x_new, x_t)
+
+
+def ddim_step(y_t: torch.Tensor, y0_hat: torch.Tensor, alpha_sigma_t: tuple[float, float],
+              alpha_sigma_s: tuple[float, float]) -> torch.Tensor:
+    """Deterministic DDIM (eta = 0) from t to s: float32 [B, P, D] tensors, float64 scalars."""
+    (a_t, sig_t), (a_s, sig_s) = alpha_sigma_t, alpha_sigma_s
+    eps_hat = (y_t - a_t * y0_hat) / sig_t
+    return a_s * y0_hat + sig_s * eps_hat
+
+
+class Sampler:
+    """The sampling loop of one variant around that variant's runners.
+
+    Args:
+        variant: "mdlm", "fuji" or "seq".
+        runners: graph name -> active Runner ("denoiser"; or "latent_denoiser" and
+            "token_denoiser" for seq), all on the same device.
+        shapes: {"L", "P", "D", "V", "mask_id"} as in the manifest.
+        mask_schedule, latent_schedule: the schedules (latent None for mdlm).
+        float64_draws: categorical draws in float64 (default, as the paper) or float32.
+        cache: MDLM only: reuse the previous log_probs when the tokens did not change in the
+            previous step (MDLM's caching); costs one scalar device-to-host sync per step.
+    """
+
+    def __init__(self, variant: str, runners: dict[str, Runner], shapes: dict,
+                 mask_schedule: MaskSchedule, latent_schedule: LatentSchedule | None,
+                 float64_draws: bool = True, cache: bool = False):
+        if variant not in GRAPHS:
+            raise LddmError(f"variant {variant!r} has no sampler; expected one of {sorted(GRAPHS)}")
+        missing = [g for g in GRAPHS[variant] if g not in runners]
+        if missing:
+            raise LddmError(f"the {variant} sampler needs runners for {list(GRAPHS[variant])}, "
+                            f"missing {missing}")
+        if variant != "mdlm" and latent_schedule is None:
+            raise LddmError(f"the {variant} sampler needs a latent schedule; the manifest has none")
+        if cache and variant != "mdlm":
+            raise LddmError(f"caching applies to the mdlm sampler only, not to {variant}")
+        self.variant, self.runners, self.shapes = variant, runners, shapes
+        self.mask_schedule, self.latent_schedule = mask_schedule, latent_schedule
+        self.float64_draws, self.cache = float64_draws, cache
+        self.device = runners[GRAPHS[variant][0]].device
+
+    @classmethod
+    def from_bundle(cls, bundle, runners: dict[str, Runner], **options) -> "Sampler":
+        """A sampler with the bundle's variant, shapes and schedule constants (manifest)."""
+        mask, latent = from_manifest(bundle.schedule)
+        return cls(bundle.variant, runners, bundle.shapes, mask, latent, **options)
+
+    # ----------------------------------------------------------------------------- public API
+
+    def steps(self, noise: Noise, latent_steps: int | None = None) -> Iterator[Step]:
+        """Run the loop, yielding the state after every step (the last one holds the result).
+
+        Args:
+            noise: the call's draws (runtimes.noise.draw_noise); T_x = noise.token_steps.
+            latent_steps: T_y, SEQ's latent-chain length (required for seq, ignored otherwise).
+        Yields:
+            Step after every step: SEQ's T_y latent steps first, then T_x token steps.
+            Tensors are on self.device and are not reused by the sampler (safe to keep).
+        """
+        if self.variant == "seq" and (latent_steps is None or latent_steps < 1):
+            raise LddmError(f"seq sampling needs latent_steps >= 1, got {latent_steps}")
+        if self.variant != "mdlm" and noise.y_init is None:
+            raise LddmError(f"{self.variant} sampling needs noise with y_init; draw it with latent_shape=(P, D)")
+        noise = noise.to(self.device)
+        if self.variant == "mdlm":
+            return self._mdlm(noise)
+        if self.variant == "fuji":
+            return self._fuji(noise)
+        return self._seq(noise, latent_steps)
+
+    def sample(self, noise: Noise, latent_steps: int | None = None,
+               callback: Callable[[Step], None] | None = None) -> SampleResult:
+        """Run the loop to the end.
+
+        Args:
+            noise, latent_steps: as for steps().
+            callback: called with every Step (progress, streaming), or None.
+        Returns:
+            SampleResult: tokens int64 [B, L]; latent float32 [B, P, D] (fuji, seq) or None.
+        """
+        last = None
+        for last in self.steps(noise, latent_steps):
+            if callback is not None:
+                callback(last)
+        latent = last.y0_hat if self.variant == "fuji" else last.y
+        return SampleResult(last.x, latent)
+
+    # ----------------------------------------------------------------------------- the loops
+
+    def _t(self, t: float, batch: int) -> torch.Tensor:
+        return torch.full((batch,), t, dtype=torch.float32, device=self.device)
+
+    def _all_masked(self, batch: int) -> torch.Tensor:
+        return torch.full((batch, self.shapes["L"]), self.shapes["mask_id"], dtype=torch.int64,
+                          device=self.device)
+
+    def _token_chain(self, steps: int):
+        """The grid and the masking alphas on it, computed once per chain (host-side floats)."""
+        grid = time_grid(steps)
+        return grid, [self.mask_schedule.alpha(t) for t in grid]
+
+    def _latent_chain(self, steps: int):
+        grid = time_grid(steps)
+        return grid, [self.latent_schedule.alpha_sigma(t) for t in grid]
+
+    def _token_step(self, x, log_probs, u, alphas, k):
+        return token_step(x, log_probs, u, alphas[k], alphas[k + 1], self.shapes["mask_id"], self.float64_draws)
+
+    def _mdlm(self, noise: Noise) -> Iterator[Step]:
+        B, T = noise.batch, noise.token_steps
+        (grid, alphas), denoiser = self._token_chain(T), self.runners["denoiser"]
+        x, x_prev, log_probs = self._all_masked(B), None, None
+        for k in range(T):
+            called = not (self.cache and x_prev is not None and torch.equal(x, x_prev))
+            if called:
+                log_probs = denoiser.infer({"x_t": x, "t": self._t(grid[k], B)})["log_probs"]
+            x_prev, x = x, self._token_step(x, log_probs, noise.u[k], alphas, k)
+            yield Step("token", k, T, grid[k], grid[k + 1], x, None, None, called)
+
+    def _fuji(self, noise: Noise) -> Iterator[Step]:
+        B, T = noise.batch, noise.token_steps
+        (grid, alphas), (_, alpha_sigmas) = self._token_chain(T), self._latent_chain(T)
+        denoiser, x, y = self.runners["denoiser"], self._all_masked(B), noise.y_init
+        for k in range(T):
+            out = denoiser.infer({"x_t": x, "y_t": y, "t": self._t(grid[k], B)})
+            x = self._token_step(x, out["log_probs"], noise.u[k], alphas, k)
+            y0_hat = out["y0_hat"].clone()  # a runner may reuse its output buffer next call
+            y = ddim_step(y, y0_hat, alpha_sigmas[k], alpha_sigmas[k + 1])
+            yield Step("token", k, T, grid[k], grid[k + 1], x, y, y0_hat)
+
+    def _seq(self, noise: Noise, latent_steps: int) -> Iterator[Step]:
+        B, T_x, T_y = noise.batch, noise.token_steps, latent_steps
+        latent_denoiser, token_denoiser = self.runners["latent_denoiser"], self.runners["token_denoiser"]
+        (grid, alpha_sigmas), x, y = self._latent_chain(T_y), self._all_masked(B), noise.y_init
+        for j in range(T_y):
+            y0_hat = latent_denoiser.infer({"y_t": y, "t": self._t(grid[j], B)})["y0_hat"].clone()
+            y = ddim_step(y, y0_hat, alpha_sigmas[j], alpha_sigmas[j + 1])
+            yield Step("latent", j, T_y, grid[j], grid[j + 1], x, y, y0_hat)
+        y0, (grid, alphas) = y0_hat, self._token_chain(T_x)
+        for k in range(T_x):
+            log_probs = token_denoiser.infer({"x_t": x, "y0": y0, "t": self._t(grid[k], B)})["log_probs"]
+            x = self._token_step(x, log_probs, noise.u[k], alphas, k)
+            yield Step("token", k, T_x, grid[k], grid[k + 1], x, y0, None)

@@ -1,0 +1,125 @@
+"""Tiny bundles for the runtime tests, in the runtimes/bundle.py format.
+
+`tiny_checkpoint` saves a tiny model of a variant with random (non-trivial) weights: the
+zero-initialised adaLN and heads of a fresh model would make every output uniform, and a
+parity test on uniform outputs could not fail. `tiny_bundle` exports the sampling graphs of
+that checkpoint to FP32 ONNX with torch.onnx.export (the dynamo exporter, B dynamic) and
+writes a manifest as lddm_export would, so these tests do not depend on the exporter's build.
+
+Exports take seconds each, so bundles are cached on disk, keyed by the variant, the sizes
+and the sha256 of training/model.py (a changed network rebuilds them).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+
+from runtimes.bundle import FORMAT, VERSION, sha256_file
+from runtimes.spec import graph_specs
+from training.checkpoint import save_checkpoint
+from training.config import PRESETS, ModelConfig
+from training.model import LDDM, graph_modules
+
+SAMPLING_GRAPHS = {"mdlm": ("denoiser",), "fuji": ("denoiser",), "seq": ("latent_denoiser", "token_denoiser")}
+TINY = dict(seq_len=16, vocab_size=5, n_latent=2, latent_dim=4, **PRESETS["tiny"])
+BATCH_PROFILE = {"min": 1, "opt": 8, "max": 64}
+OPSET = 18
+MODEL_SOURCE = Path(__file__).resolve().parents[1] / "training" / "model.py"
+
+
+def tiny_config(variant: str, **overrides) -> ModelConfig:
+    return ModelConfig(variant=variant, **{**TINY, **overrides})
+
+
+def tiny_checkpoint(path: Path, variant: str, seed: int = 0, **overrides) -> Path:
+    """Save a tiny `variant` model with every weight perturbed by N(0, 0.3^2) noise."""
+    torch.manual_seed(seed)
+    model = LDDM(tiny_config(variant, **overrides))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    save_checkpoint(path, model, tokenizer=None, train={"steps": 0, "note": "random test weights"})
+    return path
+
+
+def _export(module: torch.nn.Module, spec, path: Path, batch: int = 2) -> None:
+    """torch.onnx.export (dynamo) with B dynamic on every input."""
+    dtypes = {"int64": torch.int64, "float32": torch.float32}
+    args = tuple(torch.zeros(s.concrete_shape(batch), dtype=dtypes[s.dtype]) for s in spec.inputs)
+    b = torch.export.Dim("B", min=1, max=1024)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(module, args, input_names=spec.input_names, output_names=spec.output_names,
+                                    dynamo=True, dynamic_shapes=tuple({0: b} for _ in spec.inputs),
+                                    opset_version=OPSET, verbose=False)
+    program.save(str(path))
+    onnx.checker.check_model(str(path))
+
+
+def build_tiny_bundle(out: Path, ckpt: Path) -> Path:
+    """Export the sampling graphs of `ckpt` (FP32) and write the manifest into `out`."""
+    from training.checkpoint import load_checkpoint
+
+    model, raw = load_checkpoint(ckpt)
+    cfg = model.cfg
+    shapes = {"L": cfg.seq_len, "P": cfg.n_latent, "D": cfg.latent_dim, "V": cfg.total_vocab,
+              "mask_id": cfg.mask_id}
+    specs = graph_specs(cfg.variant, shapes["L"], shapes["P"], shapes["D"], shapes["V"])
+    modules = graph_modules(model)
+    (out / "onnx").mkdir(parents=True, exist_ok=True)
+    graphs, files = {}, {}
+    for name in SAMPLING_GRAPHS[cfg.variant]:
+        rel = f"onnx/{name}.fp32.onnx"
+        _export(modules[name], specs[name], out / rel)
+        graphs[name] = {**specs[name].to_dict(), "onnx": {"fp32": rel}}
+        files[rel] = sha256_file(out / rel)
+    latent = ({"kind": cfg.latent_schedule, "eps": cfg.latent_eps} if cfg.has_latent else None)
+    manifest = {
+        "format": FORMAT, "version": VERSION, "variant": cfg.variant, "config": cfg.to_dict(),
+        "shapes": shapes,
+        "schedule": {"mask": {"kind": cfg.mask_schedule, "eps": cfg.mask_eps}, "latent": latent},
+        "graphs": graphs, "batch_profile": dict(BATCH_PROFILE), "opset": OPSET, "engines": [],
+        "tokenizer": raw["tokenizer"],
+        "checkpoint": {"path": str(ckpt.resolve()), "sha256": sha256_file(ckpt)},
+        "files": files, "tools": {"torch": torch.__version__, "onnx": onnx.__version__},
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return out
+
+
+def cached_tiny_bundle(cache_dir: Path, variant: str, seed: int = 0) -> Path:
+    """A tiny bundle of `variant` (checkpoint inside it as model.pt), built once per model source."""
+    key = hashlib.sha256(f"{variant}-{seed}-{sorted(TINY.items())}-{OPSET}".encode()
+                         + MODEL_SOURCE.read_bytes()).hexdigest()[:16]
+    root = Path(cache_dir) / f"{variant}-{key}"
+    if not (root / "manifest.json").is_file():
+        tmp = Path(cache_dir) / f".{variant}-{key}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        tiny_checkpoint(tmp / "model.pt", variant, seed)
+        build_tiny_bundle(tmp, tmp / "model.pt")
+        shutil.rmtree(root, ignore_errors=True)
+        tmp.rename(root)
+        _repoint_checkpoint(root)
+    return root
+
+
+def _repoint_checkpoint(root: Path) -> None:
+    """After the rename, record the checkpoint at its final absolute path."""
+    path = root / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["checkpoint"]["path"] = str((root / "model.pt").resolve())
+    path.write_text(json.dumps(manifest, indent=2))
+
+
+def copy_bundle(src: Path, dst: Path) -> Path:
+    """A private copy of a cached bundle (for tests that damage or move things)."""
+    shutil.copytree(src, dst)
+    _repoint_checkpoint(dst)
+    return dst
