@@ -1,0 +1,168 @@
+"""TensorRT engines for a bundle: one strongly typed engine per graph and precision.
+
+The FP16 ONNX graph already says which ops run in FP16 and which stay FP32, so it is built
+as a strongly typed network (TensorRT keeps the graph's types instead of choosing its own);
+that is the one way that works on both TensorRT 10.x and 11.x:
+
+- TensorRT 11 removed BuilderFlag.FP16/INT8 (and platform_has_fast_fp16): weak typing is
+  gone, so the precision lives in the ONNX graph. 10.x still has the flags; they are not used.
+- TensorRT 11 removed NetworkDefinitionCreationFlag.EXPLICIT_BATCH (explicit batch has been
+  the only mode since 10.0, where the flag was deprecated and ignored); it is not used.
+- NetworkDefinitionCreationFlag.STRONGLY_TYPED exists in both (11 deprecates it as always on).
+
+This module needs only tensorrt and the CUDA driver (no torch, no onnx, no
+training/): `lddm-export build --bundle DIR --engines on` runs it on a Jetson.
+
+Engine files are named engines/<graph>.<precision>.<gpu>.trt<version>.plan, where <gpu> is
+the slugged GPU name plus its compute capability (e.g. orin-sm87), and each is recorded in
+the manifest's "engines" list with what the runner checks before loading it.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Callable
+
+from runtimes.cuda_util import GpuIdentity, gpu_identity, import_tensorrt, tensorrt_logger
+from runtimes.errors import EngineBuildError
+
+ENGINES_OFF = "use --engines off"
+
+
+def tensorrt_available() -> bool:
+    """Whether `import tensorrt` works on this machine (libraries included)."""
+    try:
+        import tensorrt  # noqa: F401
+    except (ImportError, OSError):
+        return False
+    return True
+
+
+def engine_file_name(graph: str, precision: str, gpu: GpuIdentity, trt_version: str) -> str:
+    """The bundle-relative path of one engine, e.g. engines/denoiser.fp16.orin-sm87.trt10.3.0.plan."""
+    return f"engines/{graph}.{precision}.{gpu.tag}.trt{trt_version}.plan"
+
+
+def profile_shapes(tensor: dict, profile: dict) -> tuple[tuple[int, ...], ...]:
+    """The optimisation profile's (min, opt, max) shapes of one graph input.
+
+    Args:
+        tensor: a graph input as the manifest lists it, {"name", "dtype", "shape"} with "B"
+            standing for the batch axis, e.g. {"name": "x_t", "shape": ["B", 128]}.
+        profile: {"min": int, "opt": int, "max": int} batch sizes.
+    Returns:
+        three shape tuples, e.g. ((1, 128), (8, 128), (64, 128)).
+    """
+    return tuple(tuple(profile[key] if dim == "B" else int(dim) for dim in tensor["shape"])
+                 for key in ("min", "opt", "max"))
+
+
+def default_timing_cache(gpu: GpuIdentity, trt_version: str) -> Path:
+    """Where the timing cache lives between builds: a per-user cache, one file per GPU and version.
+
+    Not in the bundle: every build writes a fresh bundle directory, and the cache is worth
+    keeping across bundles (it holds kernel timings, not the model).
+    """
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "lddm-export" / f"timing.{gpu.tag}.trt{trt_version}.cache"
+
+
+def build_engines(bundle_dir: str | Path, manifest: dict, precisions: list[str], profile: dict,
+                  workspace_mb: int | None = None, log: Callable[[str], None] = print,
+                  timing_cache: str | Path | None = None) -> list[dict]:
+    """Build one TensorRT engine per graph and precision from the bundle's ONNX files.
+
+    Args:
+        bundle_dir: the bundle directory being written; ONNX files are read from it and the
+            engines written to its engines/ folder.
+        manifest: the manifest (only "graphs" is read: inputs and ONNX paths per precision).
+        precisions: which ONNX graphs to build, e.g. ["fp16"] or ["fp32", "fp16"].
+        profile: the batch profile {"min", "opt", "max"} applied to every input's B axis.
+        workspace_mb: cap on TensorRT's builder workspace in MiB (Jetson), or None for no cap.
+        log: progress sink, one line per engine.
+        timing_cache: the timing-cache file reused across builds (default_timing_cache()).
+    Returns:
+        the manifest's "engines" entries: {"graph", "precision", "file", "onnx_file",
+        "onnx_sha256", "trt_version", "gpu_name", "compute_capability", "profile"}.
+        The caller records the written files in the manifest's "files" table.
+    Raises:
+        BackendUnavailable: tensorrt does not import, or there is no CUDA GPU.
+        EngineBuildError: a bad profile, a missing ONNX graph, a parse or build failure.
+    """
+    trt = import_tensorrt(ENGINES_OFF)
+    gpu = gpu_identity()
+    if not 1 <= profile["min"] <= profile["opt"] <= profile["max"]:
+        raise EngineBuildError(f"batch profile {profile} must satisfy 1 <= min <= opt <= max; "
+                               f"pass e.g. --batch 1,8,64")
+    bundle_dir = Path(bundle_dir)
+    cache_path = Path(timing_cache) if timing_cache else default_timing_cache(gpu, trt.__version__)
+    entries = []
+    for graph, table in manifest["graphs"].items():
+        for precision in precisions:
+            if precision not in table["onnx"]:
+                raise EngineBuildError(f"bundle {bundle_dir} has no {precision} ONNX graph for {graph!r} "
+                                       f"to build an engine from; rebuild the bundle with --precision {precision}")
+            onnx_file = table["onnx"][precision]
+            engine_file = engine_file_name(graph, precision, gpu, trt.__version__)
+            log(f"TensorRT {trt.__version__}: building {engine_file} for {gpu.name} "
+                f"(batch {profile['min']}..{profile['max']})")
+            plan = _build_plan(trt, bundle_dir / onnx_file, table["inputs"], profile, workspace_mb, cache_path)
+            (bundle_dir / engine_file).parent.mkdir(parents=True, exist_ok=True)
+            with open(bundle_dir / engine_file, "wb") as f:
+                f.write(plan)
+            entries.append({"graph": graph, "precision": precision, "file": engine_file,
+                            "onnx_file": onnx_file, "onnx_sha256": _sha256(bundle_dir / onnx_file),
+                            "trt_version": trt.__version__, "gpu_name": gpu.name,
+                            "compute_capability": gpu.compute_capability, "profile": dict(profile)})
+    return entries
+
+
+def _build_plan(trt, onnx_path: Path, inputs: list[dict], profile: dict, workspace_mb: int | None,
+                cache_path: Path):
+    """Parse one ONNX file into a strongly typed network and build it; returns the IHostMemory plan."""
+    logger = tensorrt_logger()
+    builder = trt.Builder(logger)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    # parse_from_file (not parse) so that external-data weights next to the file are found.
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise EngineBuildError(f"TensorRT {trt.__version__} could not parse {onnx_path}: {errors}; "
+                               f"re-export the graph (lddm-export build --force) or {ENGINES_OFF}")
+    config = builder.create_builder_config()
+    if workspace_mb is not None:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mb) << 20)
+    opt_profile = builder.create_optimization_profile()
+    for tensor in inputs:
+        opt_profile.set_shape(tensor["name"], *profile_shapes(tensor, profile))
+    config.add_optimization_profile(opt_profile)
+    timing_cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
+    if not config.set_timing_cache(timing_cache, ignore_mismatch=False):
+        # A cache written for another device or version: start a fresh one rather than fail.
+        timing_cache = config.create_timing_cache(b"")
+        config.set_timing_cache(timing_cache, ignore_mismatch=False)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise EngineBuildError(f"TensorRT {trt.__version__} failed to build an engine from {onnx_path} "
+                               f"(see the TensorRT log above); a larger --workspace-mb or {ENGINES_OFF}")
+    _write_atomic(cache_path, timing_cache.serialize())
+    return plan
+
+
+def _write_atomic(path: Path, data) -> None:
+    """Write bytes (or a buffer) to path through a temporary file, so readers never see half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _sha256(path: Path) -> str:
+    # runtimes.bundle.sha256_file would do, but importing runtimes.bundle imports torch.
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

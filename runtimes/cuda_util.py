@@ -1,0 +1,103 @@
+"""GPU and TensorRT helpers that need no torch: which GPU this is, importing tensorrt.
+
+The engine-build path on a Jetson must need only tensorrt, onnx and numpy, so the GPU is
+queried through the driver library itself (libcuda.so.1, present wherever a CUDA GPU is: on
+x86 with the NVIDIA driver, on Jetson under /usr/lib/aarch64-linux-gnu/tegra) with ctypes.
+The engine builder (lddm_export.engines) and the TensorRT runner share one TensorRT logger:
+TensorRT warns when a process registers two.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import re
+from dataclasses import dataclass
+
+from runtimes.errors import BackendUnavailable
+
+# From cuda.h (CUdevice_attribute); stable since CUDA 2.x.
+_CC_MAJOR = 75
+_CC_MINOR = 76
+
+
+@dataclass(frozen=True)
+class GpuIdentity:
+    """A GPU as the engine manifest records it.
+
+    Attributes:
+        name: the driver's device name, e.g. "NVIDIA H100 80GB HBM3" or "Orin".
+        compute_capability: "major.minor", e.g. "9.0" or "8.7".
+    """
+
+    name: str
+    compute_capability: str
+
+    @property
+    def tag(self) -> str:
+        """A filesystem-safe id for engine file names: the slugged name plus sm<cc>.
+
+        Returns:
+            e.g. "nvidia-h100-80gb-hbm3-sm90" or "orin-sm87".
+        """
+        slug = re.sub(r"[^a-z0-9]+", "-", self.name.lower()).strip("-") or "gpu"
+        return f"{slug}-sm{self.compute_capability.replace('.', '')}"
+
+
+def gpu_identity(index: int = 0) -> GpuIdentity:
+    """Query the CUDA driver for device `index`'s name and compute capability.
+
+    Args:
+        index: the CUDA device ordinal (as in CUDA_VISIBLE_DEVICES order).
+    Returns:
+        GpuIdentity of that device.
+    Raises:
+        BackendUnavailable: no CUDA driver library, or the driver reports no such device.
+    """
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        raise BackendUnavailable("no CUDA driver (libcuda.so.1) on this machine; TensorRT engines "
+                                 "need an NVIDIA GPU and its driver, or use --engines off") from None
+
+    def check(status: int, what: str) -> None:
+        if status != 0:
+            raise BackendUnavailable(f"the CUDA driver failed {what} for GPU {index} (CUresult {status}); "
+                                     f"check nvidia-smi and CUDA_VISIBLE_DEVICES, or use --engines off")
+
+    device = ctypes.c_int()
+    name = ctypes.create_string_buffer(256)
+    major, minor = ctypes.c_int(), ctypes.c_int()
+    check(cuda.cuInit(0), "cuInit")
+    check(cuda.cuDeviceGet(ctypes.byref(device), index), "cuDeviceGet")
+    check(cuda.cuDeviceGetName(name, len(name), device), "cuDeviceGetName")
+    check(cuda.cuDeviceGetAttribute(ctypes.byref(major), _CC_MAJOR, device), "cuDeviceGetAttribute")
+    check(cuda.cuDeviceGetAttribute(ctypes.byref(minor), _CC_MINOR, device), "cuDeviceGetAttribute")
+    return GpuIdentity(name.value.decode(errors="replace").strip(), f"{major.value}.{minor.value}")
+
+
+INSTALL_TENSORRT = "install TensorRT (pip install tensorrt on x86, JetPack on Jetson)"
+
+
+def import_tensorrt(fallback: str):
+    """Import tensorrt lazily, turning its absence into one clear sentence.
+
+    Args:
+        fallback: what the user can do instead, e.g. "use --engines off".
+    Returns:
+        the tensorrt module.
+    Raises:
+        BackendUnavailable: tensorrt is not installed or its libraries do not load.
+    """
+    try:
+        import tensorrt
+    except (ImportError, OSError) as e:
+        raise BackendUnavailable(f"TensorRT is needed here but `import tensorrt` failed ({e}); "
+                                 f"{INSTALL_TENSORRT} or {fallback}") from None
+    return tensorrt
+
+
+@functools.lru_cache(maxsize=None)
+def tensorrt_logger():
+    """The process's one trt.Logger (warnings and errors go to stderr)."""
+    import tensorrt as trt
+    return trt.Logger(trt.Logger.WARNING)
