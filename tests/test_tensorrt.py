@@ -1,0 +1,303 @@
+"""TensorRT: engine naming, the pre-deserialisation manifest check, clear errors without TensorRT
+(these run everywhere), and real engine builds compared with ONNX Runtime (marker trt: these run
+where tensorrt imports and a CUDA GPU exists).
+
+The engines are built from a tiny hand-written ONNX graph with the MDLM denoiser's signature
+(x_t int64 [B, L], t float32 [B] -> log_probs float32 [B, L, V]) in FP32 and in FP16 with casts
+at its edges, so these tests depend on nothing but onnx.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from lddm_export.engines import build_engines, engine_file_name, profile_shapes, tensorrt_available
+from runtimes.backends.trt_runner import TrtRunner, select_engine_entry
+from runtimes.bundle import Bundle
+from runtimes.cuda_util import GpuIdentity, gpu_identity
+from runtimes.errors import BackendUnavailable, EngineBuildError, ShapeMismatch
+from runtimes.spec import graph_specs
+
+L, V = 6, 5
+PROFILE = {"min": 1, "opt": 2, "max": 4}
+
+
+# --- a tiny bundle
+
+def tiny_denoiser(fp16: bool) -> onnx.ModelProto:
+    """log_probs = log_softmax(E[x_t] + t * w): FP16 compute between casts when fp16."""
+    rng = np.random.default_rng(0)
+    dtype, onnx_type = (np.float16, TensorProto.FLOAT16) if fp16 else (np.float32, TensorProto.FLOAT)
+    inits = [numpy_helper.from_array(rng.standard_normal((V, V)).astype(dtype), "E"),
+             numpy_helper.from_array(rng.standard_normal(V).astype(dtype), "w"),
+             numpy_helper.from_array(np.array([1, 2], np.int64), "axes")]
+    nodes = [helper.make_node("Gather", ["E", "x_t"], ["emb"]),                    # (B, L, V)
+             helper.make_node("Cast", ["t"], ["t_c"], to=onnx_type),
+             helper.make_node("Unsqueeze", ["t_c", "axes"], ["t3"]),               # (B, 1, 1)
+             helper.make_node("Mul", ["t3", "w"], ["tw"]),                         # (B, 1, V)
+             helper.make_node("Add", ["emb", "tw"], ["h"]),
+             helper.make_node("Cast", ["h"], ["h32"], to=TensorProto.FLOAT),
+             helper.make_node("LogSoftmax", ["h32"], ["log_probs"], axis=-1)]
+    graph = helper.make_graph(
+        nodes, "tiny_denoiser",
+        [helper.make_tensor_value_info("x_t", TensorProto.INT64, ["B", L]),
+         helper.make_tensor_value_info("t", TensorProto.FLOAT, ["B"])],
+        [helper.make_tensor_value_info("log_probs", TensorProto.FLOAT, ["B", L, V])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def make_bundle(root: Path) -> Path:
+    """A bundle directory with the tiny denoiser in fp32 and fp16 and a manifest, no engines."""
+    (root / "onnx").mkdir(parents=True)
+    onnx_files = {}
+    for precision in ("fp32", "fp16"):
+        onnx_files[precision] = f"onnx/denoiser.{precision}.onnx"
+        onnx.save(tiny_denoiser(precision == "fp16"), str(root / onnx_files[precision]))
+    spec = graph_specs("mdlm", L, 0, 0, V)["denoiser"]
+    manifest = {"format": "lddm-bundle", "version": 1, "variant": "mdlm", "config": {},
+                "shapes": {"L": L, "P": 0, "D": 0, "V": V, "mask_id": V - 1}, "schedule": {},
+                "graphs": {"denoiser": {**spec.to_dict(), "onnx": onnx_files}},
+                "batch_profile": dict(PROFILE), "opset": 18, "engines": [], "tokenizer": None,
+                "checkpoint": {}, "files": {}, "tools": {}}
+    (root / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return root
+
+
+def feed(batch: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"x_t": torch.randint(0, V, (batch, L), generator=g), "t": torch.rand(batch, generator=g)}
+
+
+# --- everywhere: names, profiles, the manifest check, errors without TensorRT
+
+def test_engine_file_names_are_filesystem_safe_and_carry_gpu_and_version():
+    h100 = GpuIdentity("NVIDIA H100 80GB HBM3", "9.0")
+    assert engine_file_name("denoiser", "fp16", h100, "10.3.0") == \
+        "engines/denoiser.fp16.nvidia-h100-80gb-hbm3-sm90.trt10.3.0.plan"
+    assert GpuIdentity("Orin", "8.7").tag == "orin-sm87"
+    assert GpuIdentity("NVIDIA GeForce RTX 4090 / (custom) ", "8.9").tag == "nvidia-geforce-rtx-4090-custom-sm89"
+
+
+def test_profile_shapes_put_min_opt_max_on_the_batch_axis_only():
+    x_t = {"name": "x_t", "dtype": "int64", "shape": ["B", 128]}
+    y_t = {"name": "y_t", "dtype": "float32", "shape": ["B", 4, 8]}
+    assert profile_shapes(x_t, {"min": 1, "opt": 8, "max": 64}) == ((1, 128), (8, 128), (64, 128))
+    assert profile_shapes(y_t, {"min": 2, "opt": 3, "max": 5}) == ((2, 4, 8), (3, 4, 8), (5, 4, 8))
+
+
+def _entry(**changes) -> dict:
+    entry = {"graph": "denoiser", "precision": "fp16", "file": "engines/denoiser.fp16.orin-sm87.trt10.3.0.plan",
+             "onnx_file": "onnx/denoiser.fp16.onnx", "onnx_sha256": "a" * 64, "trt_version": "10.3.0",
+             "gpu_name": "Orin", "compute_capability": "8.7", "profile": dict(PROFILE)}
+    return {**entry, **changes}
+
+
+def _select(engines, precision="fp16", sha="a" * 64, version="10.3.0", cc="8.7"):
+    return select_engine_entry("/b", engines, "denoiser", precision, sha, version, cc)
+
+
+def test_the_engine_that_fits_this_machine_is_chosen():
+    server = _entry(file="engines/x.plan", gpu_name="NVIDIA H100", compute_capability="9.0", trt_version="11.4.0.106")
+    jetson = _entry()
+    assert _select([server, jetson]) is jetson
+    assert _select([server, jetson], version="11.4.0.106", cc="9.0") is server
+
+
+@pytest.mark.parametrize("what, kwargs", [
+    ("its ONNX file differs", {"sha": "b" * 64}),
+    ("its TensorRT version differs (built by 10.3.0, this is 11.4.0.106)", {"version": "11.4.0.106"}),
+    ("its GPU differs (built for Orin, compute capability 8.7; this GPU has 9.0)", {"cc": "9.0"}),
+])
+def test_a_mismatching_engine_is_refused_naming_what_differs(what, kwargs):
+    with pytest.raises(EngineBuildError) as info:
+        _select([_entry()], **kwargs)
+    message = str(info.value)
+    assert what in message
+    assert "lddm-export build --bundle /b --engines on" in message
+    others = {"its ONNX file differs", "its TensorRT version differs", "its GPU differs"} - {what.split(" (")[0]}
+    assert not any(o in message for o in others), message
+
+
+def test_every_difference_is_named_at_once():
+    with pytest.raises(EngineBuildError, match="ONNX file differs.*TensorRT version differs.*GPU differs"):
+        _select([_entry()], sha="b" * 64, version="11.0.0.114", cc="9.0")
+
+
+def test_a_missing_engine_is_refused_with_the_build_command():
+    with pytest.raises(EngineBuildError, match=r"no fp32 TensorRT engine for graph 'denoiser'.*--engines on"):
+        _select([_entry()], precision="fp32")
+
+
+def test_the_engine_build_path_imports_neither_torch_nor_training():
+    code = ("import sys, lddm_export.engines, runtimes.cuda_util; "
+            "bad = [m for m in ('torch', 'training', 'onnxruntime') if m in sys.modules]; "
+            "assert not bad, bad")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 0, done.stderr
+
+
+def test_engines_on_without_tensorrt_names_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)          # `import tensorrt` now fails
+    assert not tensorrt_available()
+    root = make_bundle(tmp_path / "b")
+    with pytest.raises(BackendUnavailable) as info:
+        build_engines(root, json.loads((root / "manifest.json").read_text()), ["fp16"], PROFILE)
+    message = str(info.value)
+    assert "pip install tensorrt" in message and "JetPack" in message and "--engines off" in message
+    assert not (root / "engines").exists()
+
+
+def test_the_trt_runner_without_tensorrt_names_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    runner = TrtRunner(Bundle.open(make_bundle(tmp_path / "b"), check_hashes=False), "denoiser", "fp16")
+    with pytest.raises(BackendUnavailable, match="pip install tensorrt.*--backend ort"):
+        runner.activate()
+    assert not runner.is_active
+
+
+def test_gpu_identity_without_a_driver_is_a_clear_error():
+    try:
+        import ctypes
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        with pytest.raises(BackendUnavailable, match=r"libcuda\.so\.1.*--engines off"):
+            gpu_identity()
+    else:
+        pytest.skip("this machine has a CUDA driver; test_gpu_identity_agrees_with_torch covers it")
+
+
+@pytest.mark.gpu
+def test_gpu_identity_agrees_with_torch():
+    gpu = gpu_identity(0)
+    assert gpu.compute_capability == "%d.%d" % torch.cuda.get_device_capability(0)
+    assert gpu.name == torch.cuda.get_device_name(0)
+
+
+def test_the_tiny_graphs_agree_in_onnxruntime(tmp_path):
+    """The reference the engine tests compare with: fp16 within 1e-2 of fp32, probabilities sum to 1."""
+    root = make_bundle(tmp_path / "b")
+    inputs = feed(3)
+    fp32, fp16 = ort_reference(root, "fp32", inputs), ort_reference(root, "fp16", inputs)
+    assert fp32.shape == (3, L, V)
+    np.testing.assert_allclose(np.exp(fp32).sum(-1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(fp16, fp32, atol=1e-2)
+
+
+# --- where TensorRT and a GPU exist: real engines
+
+def needs_tensorrt(test):
+    """Markers trt and gpu; the skip reason names tensorrt first, as it is the rarer of the two."""
+    test = pytest.mark.gpu(pytest.mark.trt(test))
+    return pytest.mark.skipif(not tensorrt_available(), reason="tensorrt is not installed")(test)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """A tiny bundle with fp32 and fp16 engines, and the timing cache file the build wrote."""
+    root = make_bundle(tmp_path_factory.mktemp("trt") / "bundle")
+    cache = root.parent / "timing.cache"
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["engines"] = build_engines(root, manifest, ["fp32", "fp16"], PROFILE, workspace_mb=256,
+                                        log=lambda line: None, timing_cache=cache)
+    (root / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return root, cache
+
+
+def ort_reference(root: Path, precision: str, inputs: dict[str, torch.Tensor]) -> np.ndarray:
+    import onnxruntime as ort
+    session = ort.InferenceSession(str(root / f"onnx/denoiser.{precision}.onnx"), providers=["CPUExecutionProvider"])
+    return session.run(["log_probs"], {k: v.numpy() for k, v in inputs.items()})[0]
+
+
+@needs_tensorrt
+def test_build_records_engines_as_the_manifest_says(built):
+    import tensorrt as trt
+    root, cache = built
+    entries = json.loads((root / "manifest.json").read_text())["engines"]
+    gpu = gpu_identity()
+    assert [(e["graph"], e["precision"]) for e in entries] == [("denoiser", "fp32"), ("denoiser", "fp16")]
+    for e in entries:
+        assert e["file"] == engine_file_name("denoiser", e["precision"], gpu, trt.__version__)
+        assert (root / e["file"]).stat().st_size > 0
+        assert e["trt_version"] == trt.__version__ and e["compute_capability"] == gpu.compute_capability
+        assert e["profile"] == PROFILE and e["onnx_file"] == f"onnx/denoiser.{e['precision']}.onnx"
+    assert cache.stat().st_size > 0
+
+
+@needs_tensorrt
+@pytest.mark.parametrize("precision, atol", [("fp32", 1e-5), ("fp16", 2e-2)])
+@pytest.mark.parametrize("use_cuda_graph", [False, True])
+def test_engine_matches_onnxruntime(built, precision, atol, use_cuda_graph):
+    root, _ = built
+    bundle = Bundle.open(root, check_hashes=False)
+    with TrtRunner(bundle, "denoiser", precision, use_cuda_graph=use_cuda_graph) as runner:
+        for batch, seed in [(1, 0), (3, 1), (1, 2), (4, 3)]:      # batch 1 again: its graph is replayed
+            inputs = feed(batch, seed)
+            got = runner.infer({k: v.cuda() for k, v in inputs.items()})["log_probs"]
+            assert got.device.type == "cuda" and got.dtype == torch.float32
+            want = ort_reference(root, precision, inputs)
+            np.testing.assert_allclose(got.cpu().numpy(), want, atol=atol, rtol=0)
+
+
+@needs_tensorrt
+def test_persistent_outputs_alias_and_clones_do_not(built):
+    root, _ = built
+    bundle = Bundle.open(root, check_hashes=False)
+    with TrtRunner(bundle, "denoiser", "fp32", clone_outputs=False) as runner:
+        first = runner.infer({k: v.cuda() for k, v in feed(2, 0).items()})["log_probs"]
+        kept = first.clone()
+        second = runner.infer({k: v.cuda() for k, v in feed(2, 1).items()})["log_probs"]
+        assert first.data_ptr() == second.data_ptr() and not torch.equal(first, kept)
+    with TrtRunner(bundle, "denoiser", "fp32") as runner:
+        first = runner.infer({k: v.cuda() for k, v in feed(2, 0).items()})["log_probs"]
+        second = runner.infer({k: v.cuda() for k, v in feed(2, 1).items()})["log_probs"]
+        assert first.data_ptr() != second.data_ptr()
+
+
+@needs_tensorrt
+def test_batch_above_the_profile_is_refused(built):
+    bundle = Bundle.open(built[0], check_hashes=False)
+    with TrtRunner(bundle, "denoiser", "fp16") as runner:
+        with pytest.raises(ShapeMismatch, match="above the engine profile's maximum 4"):
+            runner.infer({k: v.cuda() for k, v in feed(5).items()})
+
+
+@needs_tensorrt
+@pytest.mark.parametrize("change, what", [
+    (lambda e, root: e.update(trt_version="9.9.9"), "TensorRT version differs"),
+    (lambda e, root: e.update(compute_capability="1.0"), "GPU differs"),
+    (lambda e, root: onnx.save(tiny_denoiser(fp16=False), str(root / e["onnx_file"])), "ONNX file differs"),
+])
+def test_a_stale_engine_is_refused_before_deserialising(built, tmp_path, change, what):
+    import shutil
+    root = Path(shutil.copytree(built[0], tmp_path / "bundle"))
+    manifest = json.loads((root / "manifest.json").read_text())
+    fp16 = next(e for e in manifest["engines"] if e["precision"] == "fp16")
+    change(fp16, root)
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    runner = TrtRunner(Bundle.open(root, check_hashes=False), "denoiser", "fp16")
+    with pytest.raises(EngineBuildError, match=what + ".*--engines on"):
+        runner.activate()
+
+
+@needs_tensorrt
+def test_an_unparsable_graph_lists_the_parser_errors(tmp_path):
+    root = make_bundle(tmp_path / "b")
+    model = tiny_denoiser(fp16=False)
+    model.graph.node[-1].op_type = "NoSuchOp"
+    onnx.save(model, str(root / "onnx/denoiser.fp32.onnx"))
+    manifest = json.loads((root / "manifest.json").read_text())
+    with pytest.raises(EngineBuildError, match="could not parse .*denoiser.fp32.onnx: .*NoSuchOp"):
+        build_engines(root, manifest, ["fp32"], PROFILE, log=lambda line: None, timing_cache=tmp_path / "c")
