@@ -138,8 +138,8 @@ def _build_plan(trt, onnx_path: Path, inputs: list[dict], profile: dict, workspa
         opt_profile.set_shape(tensor["name"], *profile_shapes(tensor, profile))
     config.add_optimization_profile(opt_profile)
     timing_cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
-    if not config.set_timing_cache(timing_cache, ignore_mismatch=False):
-        # A cache written for another device or version: start a fresh one rather than fail.
+    if timing_cache is None or not config.set_timing_cache(timing_cache, ignore_mismatch=False):
+        # A corrupt cache file, or one for another device or version: start afresh rather than fail.
         timing_cache = config.create_timing_cache(b"")
         config.set_timing_cache(timing_cache, ignore_mismatch=False)
     plan = builder.build_serialized_network(network, config)

@@ -153,7 +153,9 @@ class TrtRunner(Runner):
         outputs = {s.name: torch.zeros(s.concrete_shape(batch), dtype=DTYPES[s.dtype], device=self.device)
                    for s in self.spec.outputs}
         for name, buffer in inputs.items():
-            context.set_input_shape(name, tuple(buffer.shape))
+            if not context.set_input_shape(name, tuple(buffer.shape)):
+                raise ShapeMismatch(f"engine of graph {self.graph!r} refused input {name!r} of shape "
+                                    f"{tuple(buffer.shape)}; rebuild with a --batch MIN,OPT,MAX that covers {batch}")
         for name, buffer in outputs.items():
             if tuple(context.get_tensor_shape(name)) != tuple(buffer.shape):
                 raise EngineBuildError(f"engine output {name!r} has shape {tuple(context.get_tensor_shape(name))} "
@@ -164,8 +166,12 @@ class TrtRunner(Runner):
         self._run(state)
         if self.use_cuda_graph:
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=self._stream):
-                self._enqueue(context)
+            # Thread-local capture, as trtexec does: other threads' CUDA calls stay legal meanwhile.
+            with torch.cuda.graph(graph, stream=self._stream, capture_error_mode="thread_local"):
+                captured = context.execute_async_v3(self._stream.cuda_stream)
+            if not captured:
+                raise EngineBuildError(f"TensorRT could not run the engine of graph {self.graph!r} inside a "
+                                       f"CUDA graph capture (see its log above); run it without CUDA graphs")
             state.graph = graph
         self._batches[batch] = state
         return state
