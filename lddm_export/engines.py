@@ -90,19 +90,14 @@ def build_engines(bundle_dir: str | Path, manifest: dict, precisions: list[str],
         BackendUnavailable: tensorrt does not import, or there is no CUDA GPU.
         EngineBuildError: a bad profile, a missing ONNX graph, a parse or build failure.
     """
+    bundle_dir = Path(bundle_dir)
+    _check_request(bundle_dir, manifest, precisions, profile, workspace_mb)
     trt = import_tensorrt(ENGINES_OFF)
     gpu = gpu_identity()
-    if not 1 <= profile["min"] <= profile["opt"] <= profile["max"]:
-        raise EngineBuildError(f"batch profile {profile} must satisfy 1 <= min <= opt <= max; "
-                               f"pass e.g. --batch 1,8,64")
-    bundle_dir = Path(bundle_dir)
     cache_path = Path(timing_cache) if timing_cache else default_timing_cache(gpu, trt.__version__)
     entries = []
     for graph, table in manifest["graphs"].items():
         for precision in precisions:
-            if precision not in table["onnx"]:
-                raise EngineBuildError(f"bundle {bundle_dir} has no {precision} ONNX graph for {graph!r} "
-                                       f"to build an engine from; rebuild the bundle with --precision {precision}")
             onnx_file = table["onnx"][precision]
             engine_file = engine_file_name(graph, precision, gpu, trt.__version__)
             log(f"TensorRT {trt.__version__}: building {engine_file} for {gpu.name} "
@@ -116,6 +111,22 @@ def build_engines(bundle_dir: str | Path, manifest: dict, precisions: list[str],
                             "trt_version": trt.__version__, "gpu_name": gpu.name,
                             "compute_capability": gpu.compute_capability, "profile": dict(profile)})
     return entries
+
+
+def _check_request(bundle_dir: Path, manifest: dict, precisions: list[str], profile: dict,
+                   workspace_mb: int | None) -> None:
+    """Refuse a bad profile, workspace or missing ONNX graph before TensorRT is even imported."""
+    if not 1 <= profile["min"] <= profile["opt"] <= profile["max"]:
+        raise EngineBuildError(f"batch profile {profile} must satisfy 1 <= min <= opt <= max; "
+                               f"pass e.g. --batch 1,8,64")
+    if workspace_mb is not None and workspace_mb <= 0:
+        raise EngineBuildError(f"the TensorRT workspace cap must be a positive number of MiB, got {workspace_mb}")
+    for graph, table in manifest["graphs"].items():
+        for precision in precisions:
+            onnx_file = table["onnx"].get(precision)
+            if onnx_file is None or not (bundle_dir / onnx_file).is_file():
+                raise EngineBuildError(f"bundle {bundle_dir} has no {precision} ONNX graph for {graph!r} "
+                                       f"to build an engine from; rebuild the bundle with --precision {precision}")
 
 
 def _build_plan(trt, onnx_path: Path, inputs: list[dict], profile: dict, workspace_mb: int | None,

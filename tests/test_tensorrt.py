@@ -159,6 +159,23 @@ def test_engines_on_without_tensorrt_names_the_fix(tmp_path, monkeypatch):
     assert not (root / "engines").exists()
 
 
+@pytest.mark.parametrize("args, message", [
+    ({"profile": {"min": 4, "opt": 2, "max": 8}}, r"1 <= min <= opt <= max"),
+    ({"profile": {"min": 0, "opt": 2, "max": 8}}, r"1 <= min <= opt <= max"),
+    ({"workspace_mb": 0}, r"workspace cap must be a positive number of MiB, got 0"),
+    ({"precisions": ["fp16"], "remove": "onnx/denoiser.fp16.onnx"}, r"no fp16 ONNX graph for 'denoiser'"),
+])
+def test_bad_build_requests_are_refused_before_tensorrt_is_needed(tmp_path, monkeypatch, args, message):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)          # the request is checked first
+    root = make_bundle(tmp_path / "b")
+    if "remove" in args:
+        (root / args.pop("remove")).unlink()
+    manifest = json.loads((root / "manifest.json").read_text())
+    call = {"precisions": ["fp32", "fp16"], "profile": PROFILE, **args}
+    with pytest.raises(EngineBuildError, match=message):
+        build_engines(root, manifest, call["precisions"], call["profile"], call.get("workspace_mb"))
+
+
 def test_the_trt_runner_without_tensorrt_names_the_fix(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     runner = TrtRunner(Bundle.open(make_bundle(tmp_path / "b"), check_hashes=False), "denoiser", "fp16")
