@@ -144,3 +144,34 @@ def test_ar_perplexity_rejects_bad_input():
 def test_gpt2_perplexity_without_transformers_says_what_to_install():
     with pytest.raises(ImportError, match="pip install transformers"):
         gpt2_perplexity(["hello"])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
+def test_gpt2_perplexity_on_a_tiny_local_gpt2(tmp_path):
+    """The GPT-2 path end to end on a tiny random GPT-2 saved locally (no hub needed)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    texts = ["the cat sat on the mat", "a dog", "the cat and the dog sat on a mat together"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+    tokenizer.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=bpe.get_vocab_size(), n_positions=64, n_embd=32,
+                                       n_layer=1, n_head=2)).eval()
+    model.save_pretrained(tmp_path)
+
+    ppl = gpt2_perplexity(texts, model_name=str(tmp_path), batch_size=2, device="cpu")
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for text in texts:  # one text at a time: no padding involved
+            ids = torch.tensor([[tokenizer.eos_token_id] + tokenizer.encode(text)])
+            lp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), -1)
+            total -= float(lp.gather(-1, ids[0, 1:, None]).sum())
+            count += ids.shape[1] - 1
+    assert ppl == pytest.approx(math.exp(total / count), rel=1e-4)
+    assert 1 < ppl < 2 * bpe.get_vocab_size()

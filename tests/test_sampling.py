@@ -208,3 +208,17 @@ def test_sampler_rejects_wrong_variant_and_mismatched_draws():
         sample_seq(tiny_model("seq"), make_draws(0, 2, fuji.cfg, 2), 2, 0)
     with pytest.raises(ValueError, match="not a diffusion model"):
         sample(tiny_model("ar"), 0, 2, 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["mdlm", "fuji", "seq"])
+def test_cuda_sampler_agrees_with_cpu(variant):
+    """Same draws on CPU and CUDA: the arithmetic runs on the model's device, the tokens agree."""
+    model = tiny_model(variant)
+    cpu = run(model, 11, 8, batch=8)
+    gpu = run(model.cuda(), 11, 8, batch=8)
+    model.cpu()
+    assert gpu.tokens.device.type == "cuda"
+    assert (gpu.tokens.cpu() == cpu.tokens).double().mean() > 0.95
+    if model.cfg.has_latent:
+        torch.testing.assert_close(gpu.latent.cpu(), cpu.latent, atol=1e-3, rtol=1e-3)

@@ -169,7 +169,7 @@ def gpt2_perplexity(texts: list[str], model_name: str = "gpt2", batch_size: int 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = AutoTokenizer.from_pretrained(model_name)
     model = AutoModelForCausalLM.from_pretrained(model_name).to(device).eval()
-    context = model.config.n_positions
+    context = getattr(model.config, "n_positions", None) or model.config.max_position_embeddings
     bos = tokenizer.eos_token_id
     total_nll, total_tokens = 0.0, 0
     for start in range(0, len(texts), batch_size):
