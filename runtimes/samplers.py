@@ -29,7 +29,7 @@ import torch
 
 from runtimes.base import Runner
 from runtimes.errors import LddmError
-from runtimes.noise import Noise
+from runtimes.noise import Noise, draw_noise
 from runtimes.schedules import LatentSchedule, MaskSchedule, from_manifest, time_grid
 
 GRAPHS = {"mdlm": ("denoiser",), "fuji": ("denoiser",), "seq": ("latent_denoiser", "token_denoiser")}
@@ -237,3 +237,29 @@ class Sampler:
             log_probs = token_denoiser.infer({"x_t": x, "y0": y0, "t": self._t(grid[k], B)})["log_probs"]
             x = self._token_step(x, log_probs, noise.u[k], alphas, k)
             yield Step("token", k, T_x, grid[k], grid[k + 1], x, y0, None)
+
+
+def sample_batches(sampler: Sampler, seed: int, num: int, batch_size: int, token_steps: int,
+                   latent_steps: int | None = None,
+                   callback: Callable[[int, Step], None] | None = None) -> SampleResult:
+    """Draw `num` samples in batches; batch b uses seed + b (docs/contracts.md, the CLI convention).
+
+    Args:
+        sampler: a Sampler whose runners are active.
+        seed: the seed of batch 0.
+        num: K, the number of samples; batch_size: B, samples per call (the last may be smaller).
+        token_steps: T_x; latent_steps: T_y (seq only).
+        callback: called as callback(b, step) after every step of batch b (progress bars).
+    Returns:
+        SampleResult on the CPU: tokens int64 [K, L]; latent float32 [K, P, D] or None.
+    """
+    shapes = sampler.shapes
+    latent_shape = None if sampler.variant == "mdlm" else (shapes["P"], shapes["D"])
+    tokens, latents = [], []
+    for b, start in enumerate(range(0, num, batch_size)):
+        noise = draw_noise(seed + b, min(batch_size, num - start), token_steps, shapes["L"], latent_shape)
+        result = sampler.sample(noise, latent_steps, None if callback is None else lambda step: callback(b, step))
+        tokens.append(result.tokens.cpu())
+        if result.latent is not None:
+            latents.append(result.latent.cpu())
+    return SampleResult(torch.cat(tokens), torch.cat(latents) if latents else None)

@@ -7,17 +7,19 @@ that checkpoint to FP32 ONNX with torch.onnx.export (the dynamo exporter, B dyna
 writes a manifest as lddm_export would, so these tests do not depend on the exporter's build.
 
 Exports take seconds each, so bundles are cached on disk, keyed by the variant, the sizes
-and the sha256 of training/model.py (a changed network rebuilds them).
+and the sha256 of training/model.py and of this file (a changed network rebuilds them).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
 import onnx
+import pytest
 import torch
 
 from runtimes.bundle import FORMAT, VERSION, sha256_file
@@ -38,12 +40,12 @@ def tiny_config(variant: str, **overrides) -> ModelConfig:
 
 
 def tiny_checkpoint(path: Path, variant: str, seed: int = 0, **overrides) -> Path:
-    """Save a tiny `variant` model with every weight perturbed by N(0, 0.3^2) noise."""
+    """Save a tiny `variant` model with every weight perturbed by N(0, 0.1^2) noise."""
     torch.manual_seed(seed)
     model = LDDM(tiny_config(variant, **overrides))
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(0.3 * torch.randn_like(p))
+            p.add_(0.1 * torch.randn_like(p))
     save_checkpoint(path, model, tokenizer=None, train={"steps": 0, "note": "random test weights"})
     return path
 
@@ -96,30 +98,38 @@ def build_tiny_bundle(out: Path, ckpt: Path) -> Path:
 def cached_tiny_bundle(cache_dir: Path, variant: str, seed: int = 0) -> Path:
     """A tiny bundle of `variant` (checkpoint inside it as model.pt), built once per model source."""
     key = hashlib.sha256(f"{variant}-{seed}-{sorted(TINY.items())}-{OPSET}".encode()
-                         + MODEL_SOURCE.read_bytes()).hexdigest()[:16]
+                         + MODEL_SOURCE.read_bytes() + Path(__file__).read_bytes()).hexdigest()[:16]
     root = Path(cache_dir) / f"{variant}-{key}"
     if not (root / "manifest.json").is_file():
-        tmp = Path(cache_dir) / f".{variant}-{key}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".{variant}-"))
         tiny_checkpoint(tmp / "model.pt", variant, seed)
         build_tiny_bundle(tmp, tmp / "model.pt")
-        shutil.rmtree(root, ignore_errors=True)
-        tmp.rename(root)
-        _repoint_checkpoint(root)
+        _repoint_checkpoint(tmp, root / "model.pt")
+        try:
+            tmp.rename(root)
+        except OSError:  # another process finished the same bundle first
+            shutil.rmtree(tmp, ignore_errors=True)
     return root
 
 
-def _repoint_checkpoint(root: Path) -> None:
-    """After the rename, record the checkpoint at its final absolute path."""
+@pytest.fixture(scope="session")
+def bundle_cache(request, tmp_path_factory) -> Path:
+    """Where tiny bundles are kept: pytest's cache when enabled (reused across runs)."""
+    cache = getattr(request.config, "cache", None)
+    return cache.mkdir("lddm-runtime-bundles") if cache is not None else tmp_path_factory.mktemp("bundles")
+
+
+def _repoint_checkpoint(root: Path, ckpt: Path) -> None:
+    """Record `ckpt` as the bundle's checkpoint path (the file itself is unchanged)."""
     path = root / "manifest.json"
     manifest = json.loads(path.read_text())
-    manifest["checkpoint"]["path"] = str((root / "model.pt").resolve())
+    manifest["checkpoint"]["path"] = str(ckpt.resolve())
     path.write_text(json.dumps(manifest, indent=2))
 
 
 def copy_bundle(src: Path, dst: Path) -> Path:
     """A private copy of a cached bundle (for tests that damage or move things)."""
     shutil.copytree(src, dst)
-    _repoint_checkpoint(dst)
+    _repoint_checkpoint(dst, dst / "model.pt")
     return dst

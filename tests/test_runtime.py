@@ -1,0 +1,258 @@
+"""The runtime: noise and schedules as the contract says, samplers vs the reference, backends.
+
+Trajectory parity has two levels here:
+- the runtime sampler on the torch backend reproduces training/sampling.py token for token
+  (and the latent bit for bit): same modules, same draws, same arithmetic;
+- on ONNX Runtime (FP32) it agrees with the reference in >= 99.9% of the tokens of every step,
+  and the per-step latent error is reported (`-s` prints it; it is also a junit property).
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from bundle_fixture import bundle_cache, cached_tiny_bundle, copy_bundle  # noqa: F401 (fixture)
+from runtimes.backends import make_runners
+from runtimes.bundle import Bundle
+from runtimes.errors import BackendUnavailable, BundleError, LddmError, ShapeMismatch
+from runtimes.noise import draw_noise
+from runtimes.samplers import Sampler, sample_batches
+from runtimes.schedules import LatentSchedule, MaskSchedule
+from runtimes.tokenizer import TextDecoder
+from training import sampling
+from training import schedules as ref_schedules
+from training.checkpoint import load_checkpoint
+
+VARIANTS = ("mdlm", "fuji", "seq")
+B, T_X, T_Y = 16, 6, 4
+TOKEN_AGREEMENT = 0.999
+LATENT_ATOL = 1e-3  # max abs error of y0_hat per step (values are O(1)), ORT FP32 vs torch
+
+
+@pytest.fixture(scope="module", params=VARIANTS)
+def bundle(request, bundle_cache):  # noqa: F811
+    return Bundle.open(cached_tiny_bundle(bundle_cache, request.param))
+
+
+def active_sampler(bundle, backend, **options):
+    runners = make_runners(bundle, backend, "fp32", "cpu")
+    for runner in runners.values():
+        runner.activate()
+    return Sampler.from_bundle(bundle, runners, **options)
+
+
+def noise_for(bundle, seed, batch=B, steps=T_X):
+    s = bundle.shapes
+    return draw_noise(seed, batch, steps, s["L"], None if bundle.variant == "mdlm" else (s["P"], s["D"]))
+
+
+def reference(bundle, seed, batch=B, steps=T_X, **options):
+    model, _ = load_checkpoint(bundle.manifest["checkpoint"]["path"])
+    draws = sampling.make_draws(seed, batch, model.cfg, steps)
+    if bundle.variant == "mdlm":
+        return sampling.sample_mdlm(model, draws, steps, **options)
+    if bundle.variant == "fuji":
+        return sampling.sample_fuji(model, draws, steps, **options)
+    return sampling.sample_seq(model, draws, steps, T_Y, **options)
+
+
+def latent_steps(bundle):
+    return T_Y if bundle.variant == "seq" else None
+
+
+# ----------------------------------------------------------------------------- contract pieces
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_noise_matches_the_reference_draws(variant):
+    from bundle_fixture import tiny_config
+    cfg = tiny_config(variant)
+    noise = draw_noise(7, 3, 5, cfg.seq_len, (cfg.n_latent, cfg.latent_dim) if cfg.has_latent else None)
+    draws = sampling.make_draws(7, 3, cfg, 5)
+    assert noise.u.dtype == np.float64 and noise.u.shape == (5, 3, cfg.seq_len)
+    np.testing.assert_array_equal(noise.u, draws["u"])
+    if cfg.has_latent:
+        assert noise.y_init.dtype == np.float32
+        np.testing.assert_array_equal(noise.y_init, draws["y_init"])
+    else:
+        assert noise.y_init is None and "y_init" not in draws
+
+
+@pytest.mark.parametrize("kind,eps", [("linear", 0.0), ("loglinear", 1e-3)])
+def test_mask_schedule_matches_training_bit_for_bit(kind, eps):
+    ours, ref = MaskSchedule(kind, eps), ref_schedules.MaskSchedule(kind, eps)
+    for t in np.linspace(0, 1, 37):
+        assert ours.alpha(float(t)) == float(ref.alpha(torch.tensor(float(t), dtype=torch.float64)))
+
+
+@pytest.mark.parametrize("kind,eps", [("sqrt", 1e-4), ("cosine", 1e-4)])
+def test_latent_schedule_matches_training_bit_for_bit(kind, eps):
+    ours, ref = LatentSchedule(kind, eps), ref_schedules.LatentSchedule(kind, eps)
+    for t in list(np.linspace(0, 1, 37)) + [1 / 3, 2 / 7]:
+        a, s = ref.alpha_sigma(torch.tensor(float(t), dtype=torch.float64))
+        assert ours.alpha_sigma(float(t)) == (float(a), float(s))
+
+
+def test_unknown_schedule_kind_is_refused():
+    with pytest.raises(BundleError, match="expected one of"):
+        MaskSchedule("cubic", 0.0)
+    with pytest.raises(BundleError, match="expected one of"):
+        LatentSchedule("linear", 0.0)
+
+
+# ----------------------------------------------------------------------------- parity
+
+def test_torch_backend_reproduces_the_reference_token_for_token(bundle):
+    sampler = active_sampler(bundle, "torch")
+    for seed in (0, 1):
+        ours = sampler.sample(noise_for(bundle, seed), latent_steps(bundle))
+        ref = reference(bundle, seed)
+        assert torch.equal(ours.tokens, ref.tokens)
+        assert (ours.tokens != bundle.shapes["mask_id"]).all()
+        if bundle.variant == "mdlm":
+            assert ours.latent is None
+        else:
+            assert torch.equal(ours.latent, ref.latent)
+
+
+def test_float32_draws_match_the_reference_float32_option(bundle):
+    ours = active_sampler(bundle, "torch", float64_draws=False).sample(noise_for(bundle, 3), latent_steps(bundle))
+    assert torch.equal(ours.tokens, reference(bundle, 3, float64=False).tokens)
+
+
+def test_mdlm_caching_matches_the_reference_and_skips_calls(bundle_cache):  # noqa: F811
+    bundle = Bundle.open(cached_tiny_bundle(bundle_cache, "mdlm"))
+    # Many steps on a batch of one: most steps unmask nothing, so the cache is hit.
+    sampler, steps = active_sampler(bundle, "torch", cache=True), 64
+    trajectory = list(sampler.steps(noise_for(bundle, 5, batch=1, steps=steps)))
+    ref = reference(bundle, 5, batch=1, steps=steps, cache=True)
+    assert torch.equal(trajectory[-1].x, ref.tokens)
+    skipped = sum(not step.network_called for step in trajectory)
+    changed = sum(not torch.equal(a.x, b.x) for a, b in zip(trajectory, trajectory[1:]))
+    assert skipped == steps - 1 - changed and skipped > 0
+
+
+def test_ort_fp32_trajectory_agrees_with_the_reference(bundle, record_property):
+    noise = noise_for(bundle, 11, batch=64)
+    torch_steps = list(active_sampler(bundle, "torch").steps(noise, latent_steps(bundle)))
+    ort_steps = list(active_sampler(bundle, "ort").steps(noise, latent_steps(bundle)))
+    assert torch.equal(torch_steps[-1].x, reference(bundle, 11, batch=64).tokens)
+    assert len(torch_steps) == len(ort_steps)
+    report = []
+    for a, b in zip(torch_steps, ort_steps):
+        agreement = (a.x == b.x).double().mean().item()
+        latent_err = None if a.y0_hat is None else (a.y0_hat - b.y0_hat).abs().max().item()
+        report.append({"phase": a.phase, "step": a.index, "token_agreement": agreement,
+                       "y0_hat_max_abs_err": latent_err})
+        assert agreement >= TOKEN_AGREEMENT, f"step {a.phase} {a.index}: agreement {agreement}"
+        if latent_err is not None:
+            assert latent_err < LATENT_ATOL, f"step {a.phase} {a.index}: latent error {latent_err}"
+    record_property(f"ort_fp32_trajectory_{bundle.variant}", json.dumps(report))
+    print(f"\n{bundle.variant} ORT FP32 vs reference, per step:", json.dumps(report))
+
+
+def test_sample_batches_uses_seed_plus_b_like_the_reference(bundle):
+    sampler = active_sampler(bundle, "ort")
+    ours = sample_batches(sampler, 4, num=10, batch_size=4, token_steps=T_X, latent_steps=latent_steps(bundle))
+    model, _ = load_checkpoint(bundle.manifest["checkpoint"]["path"])
+    ref = sampling.sample(model, 4, 10, T_X, latent_steps(bundle), batch_size=4)
+    assert ours.tokens.shape == (10, bundle.shapes["L"]) and ours.tokens.dtype == torch.int64
+    assert (ours.tokens == ref.tokens).double().mean().item() >= TOKEN_AGREEMENT
+
+
+# ----------------------------------------------------------------------------- the step API
+
+def test_steps_yield_every_step_in_order_and_carry_unmasked_tokens(bundle):
+    sampler = active_sampler(bundle, "ort")
+    steps = list(sampler.steps(noise_for(bundle, 2), latent_steps(bundle)))
+    mask_id = bundle.shapes["mask_id"]
+    expected = ["latent"] * T_Y + ["token"] * T_X if bundle.variant == "seq" else ["token"] * T_X
+    assert [s.phase for s in steps] == expected
+    tokens = [s for s in steps if s.phase == "token"]
+    assert [s.index for s in tokens] == list(range(T_X)) and tokens[0].t == 1.0 and tokens[-1].s == 0.0
+    previous = torch.full_like(tokens[0].x, mask_id)
+    for step in tokens:
+        was_unmasked = previous != mask_id
+        assert torch.equal(step.x[was_unmasked], previous[was_unmasked])  # SUBS carry-over
+        previous = step.x
+    assert (previous != mask_id).all()
+    seen = []
+    result = sampler.sample(noise_for(bundle, 2), latent_steps(bundle), callback=seen.append)
+    assert len(seen) == len(steps) and torch.equal(result.tokens, steps[-1].x)
+
+
+def test_seq_without_latent_steps_and_noise_without_latent_are_refused(bundle_cache):  # noqa: F811
+    seq = Bundle.open(cached_tiny_bundle(bundle_cache, "seq"))
+    sampler = active_sampler(seq, "ort")
+    with pytest.raises(LddmError, match="latent_steps"):
+        sampler.steps(noise_for(seq, 0), None)
+    with pytest.raises(LddmError, match="y_init"):
+        sampler.steps(draw_noise(0, 2, 3, seq.shapes["L"]), 3)
+    with pytest.raises(LddmError, match="mdlm sampler only"):
+        Sampler.from_bundle(seq, sampler.runners, cache=True)
+
+
+# ----------------------------------------------------------------------------- runners and factory
+
+def test_runner_checks_its_feed_and_state(bundle_cache):  # noqa: F811
+    bundle = Bundle.open(cached_tiny_bundle(bundle_cache, "mdlm"))
+    L = bundle.shapes["L"]
+    for backend in ("torch", "ort"):
+        runner = make_runners(bundle, backend)["denoiser"]
+        feed = {"x_t": torch.zeros(2, L, dtype=torch.int64), "t": torch.ones(2)}
+        with pytest.raises(LddmError, match="not active"):
+            runner.infer(feed)
+        with runner:
+            out = runner.infer(feed)["log_probs"]
+            assert out.shape == (2, L, bundle.shapes["V"]) and out.dtype == torch.float32
+            assert torch.isfinite(out).all()
+            with pytest.raises(ShapeMismatch, match="must be int64, got float32"):
+                runner.infer({"x_t": torch.zeros(2, L), "t": torch.ones(2)})
+            with pytest.raises(ShapeMismatch, match="must have shape"):
+                runner.infer({"x_t": torch.zeros(2, L + 1, dtype=torch.int64), "t": torch.ones(2)})
+            with pytest.raises(ShapeMismatch, match="above the engine profile"):
+                runner.infer({"x_t": torch.zeros(65, L, dtype=torch.int64), "t": torch.ones(65)})
+
+
+@pytest.mark.parametrize("backend,precision,device,match", [
+    ("tensorflow", "fp32", "cpu", "backend 'tensorflow' is unknown; choose one of torch, ort, ort-trt, trt"),
+    ("ort", "int4", "cpu", "precision 'int4' is unknown; choose one of fp32, fp16"),
+    ("ort", "fp32", "gpu0", "device 'gpu0' is unknown; choose one of cpu, cuda, cuda:N"),
+    ("torch", "fp16", "cpu", "torch backend is the fp32 reference"),
+    ("trt", "fp16", "cpu", "runs on a CUDA GPU"),
+])
+def test_make_runners_refuses_unknown_choices(bundle_cache, backend, precision, device, match):  # noqa: F811
+    bundle = Bundle.open(cached_tiny_bundle(bundle_cache, "mdlm"))
+    with pytest.raises(BackendUnavailable, match=match):
+        make_runners(bundle, backend, precision, device)
+
+
+def test_torch_backend_finds_the_checkpoint_or_refuses(bundle_cache, tmp_path):  # noqa: F811
+    root = copy_bundle(cached_tiny_bundle(bundle_cache, "mdlm"), tmp_path / "bundle")
+    moved = tmp_path / "elsewhere.pt"
+    (root / "model.pt").rename(moved)
+    bundle = Bundle.open(root)
+    with pytest.raises(BundleError, match="does not exist; pass the bundle's model.pt with --ckpt"):
+        make_runners(bundle, "torch")["denoiser"].activate()
+    with make_runners(bundle, "torch", ckpt=moved)["denoiser"] as runner:  # --ckpt finds it again
+        assert runner.is_active
+    other = tmp_path / "other.pt"
+    from bundle_fixture import tiny_checkpoint
+    tiny_checkpoint(other, "mdlm", seed=1)
+    with pytest.raises(BundleError, match="sha256 differs"):
+        make_runners(bundle, "torch", ckpt=other)["denoiser"].activate()
+
+
+# ----------------------------------------------------------------------------- text
+
+def test_text_decoder_matches_the_training_decoder():
+    from training.data import decode_ids, tokenizer_entry, train_bpe_tokenizer
+    lines = ["to be or not to be", "that is the question", "whether tis nobler in the mind"] * 20
+    entry = tokenizer_entry(train_bpe_tokenizer(lines, 300), "bpe")
+    ids = np.array([[5, 17, 40, 2, 99], [1, 2, 3, 4, entry["vocab_size"]]])  # last id: the mask
+    assert TextDecoder(entry).decode(ids) == decode_ids(entry, ids)
+    assert TextDecoder(None).decode(ids) == [None, None]
+    with pytest.raises(BundleError, match="no 'json' field"):
+        TextDecoder({"kind": "bpe"})
