@@ -159,6 +159,21 @@ def test_engines_on_without_tensorrt_names_the_fix(tmp_path, monkeypatch):
     assert not (root / "engines").exists()
 
 
+def test_cli_engines_on_without_tensorrt_fails_cleanly(tmp_path, monkeypatch, capsys):
+    from lddm_export.cli import main
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    root = make_bundle(tmp_path / "b")
+    before = (root / "manifest.json").read_bytes()
+    with pytest.raises(SystemExit) as info:
+        main(["build", "--bundle", str(root), "--engines", "on", "--precision", "fp16", "--batch", "1,2,4"])
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    assert "pip install tensorrt" in err and "--engines off" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]               # no temporary bundle left
+    assert sorted(p.name for p in root.iterdir()) == ["manifest.json", "onnx"]
+    assert (root / "manifest.json").read_bytes() == before
+
+
 @pytest.mark.parametrize("args, message", [
     ({"profile": {"min": 4, "opt": 2, "max": 8}}, r"1 <= min <= opt <= max"),
     ({"profile": {"min": 0, "opt": 2, "max": 8}}, r"1 <= min <= opt <= max"),
