@@ -33,20 +33,35 @@ TINY = dict(seq_len=16, vocab_size=5, n_latent=2, latent_dim=4, **PRESETS["tiny"
 BATCH_PROFILE = {"min": 1, "opt": 8, "max": 64}
 OPSET = 18
 MODEL_SOURCE = Path(__file__).resolve().parents[1] / "training" / "model.py"
+CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
 
 def tiny_config(variant: str, **overrides) -> ModelConfig:
     return ModelConfig(variant=variant, **{**TINY, **overrides})
 
 
-def tiny_checkpoint(path: Path, variant: str, seed: int = 0, **overrides) -> Path:
-    """Save a tiny `variant` model with every weight perturbed by N(0, 0.1^2) noise."""
+def tiny_tokenizer_entry() -> dict:
+    """A small byte-level BPE trained on the first lines of the offline corpus (or a fallback text)."""
+    from training.data import tokenizer_entry, train_bpe_tokenizer
+
+    lines = CORPUS.read_text().splitlines()[:400] if CORPUS.is_file() else ["to be or not to be"] * 50
+    return tokenizer_entry(train_bpe_tokenizer([line for line in lines if line.strip()], 300), "bpe")
+
+
+def tiny_checkpoint(path: Path, variant: str, seed: int = 0, text: bool = False, **overrides) -> Path:
+    """Save a tiny `variant` model with every weight perturbed by N(0, 0.1^2) noise.
+
+    With text=True the checkpoint records a BPE tokenizer and the vocabulary is its size.
+    """
+    tokenizer = tiny_tokenizer_entry() if text else None
+    if tokenizer is not None:
+        overrides = {**overrides, "vocab_size": tokenizer["vocab_size"]}
     torch.manual_seed(seed)
     model = LDDM(tiny_config(variant, **overrides))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    save_checkpoint(path, model, tokenizer=None, train={"steps": 0, "note": "random test weights"})
+    save_checkpoint(path, model, tokenizer=tokenizer, train={"steps": 0, "note": "random test weights"})
     return path
 
 
@@ -95,15 +110,15 @@ def build_tiny_bundle(out: Path, ckpt: Path) -> Path:
     return out
 
 
-def cached_tiny_bundle(cache_dir: Path, variant: str, seed: int = 0) -> Path:
+def cached_tiny_bundle(cache_dir: Path, variant: str, seed: int = 0, text: bool = False) -> Path:
     """A tiny bundle of `variant` (checkpoint inside it as model.pt), built once per model source."""
-    key = hashlib.sha256(f"{variant}-{seed}-{sorted(TINY.items())}-{OPSET}".encode()
+    key = hashlib.sha256(f"{variant}-{seed}-{text}-{sorted(TINY.items())}-{OPSET}".encode()
                          + MODEL_SOURCE.read_bytes() + Path(__file__).read_bytes()).hexdigest()[:16]
     root = Path(cache_dir) / f"{variant}-{key}"
     if not (root / "manifest.json").is_file():
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".{variant}-"))
-        tiny_checkpoint(tmp / "model.pt", variant, seed)
+        tiny_checkpoint(tmp / "model.pt", variant, seed, text)
         build_tiny_bundle(tmp, tmp / "model.pt")
         _repoint_checkpoint(tmp, root / "model.pt")
         try:
