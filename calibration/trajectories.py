@@ -1,0 +1,72 @@
+"""Record what every graph is fed along whole sampling trajectories.
+
+Activation statistics for precision decisions must come from the inputs the graphs really see
+at inference: the all-masked first step, the nearly clean last step, latents at every noise
+level. A random-input export check sees none of these distributions. So the runtime sampler is
+run (on FP32 runners) and a RecordingRunner keeps a copy of every feed.
+"""
+from __future__ import annotations
+
+import torch
+
+from runtimes.base import Runner
+from runtimes.noise import draw_noise
+from runtimes.samplers import Sampler
+
+
+class RecordingRunner(Runner):
+    """Wraps a runner and keeps a CPU copy of every feed it is given.
+
+    Args:
+        inner: the runner that computes the outputs (already constructed, activated by us).
+    Attributes:
+        feeds: list of recorded feeds, each {input name: CPU tensor}, in call order.
+    """
+
+    backend = "recording"
+
+    def __init__(self, inner: Runner):
+        super().__init__(inner.spec, str(inner.device), inner.max_batch)
+        self.inner = inner
+        self.feeds: list[dict[str, torch.Tensor]] = []
+
+    def _activate_impl(self) -> None:
+        self.inner.activate()
+
+    def _deactivate_impl(self) -> None:
+        self.inner.deactivate()
+
+    def _infer_impl(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        self.feeds.append({name: x.detach().cpu().clone() for name, x in feed.items()})
+        return self.inner.infer(feed)
+
+
+def record_feeds(sampler: Sampler, seeds: list[int], batch: int, token_steps: int,
+                 latent_steps: int | None = None) -> dict[str, list[dict[str, torch.Tensor]]]:
+    """Run the sampler once per seed and return every feed of every graph.
+
+    The encoder is not called while sampling; it is fed the sampled token sequences, which
+    stand for the data it encodes.
+
+    Args:
+        sampler: a Sampler over active runners (FP32, any backend); its runners are wrapped.
+        seeds: one sampling call of `batch` samples per seed (noise per docs/contracts.md).
+        batch: samples per call.
+        token_steps, latent_steps: the chain lengths to sample with (latent_steps: seq only).
+    Returns:
+        graph name -> list of feeds ({input name: CPU tensor}); "encoder" gets {"tokens": ...}
+        with the final samples when the sampler's variant has an encoder.
+    """
+    recorders = {name: RecordingRunner(runner).activate() for name, runner in sampler.runners.items()}
+    recording = Sampler(sampler.variant, recorders, sampler.shapes, sampler.mask_schedule,
+                        sampler.latent_schedule, sampler.float64_draws)
+    shapes = sampler.shapes
+    latent_shape = None if sampler.variant == "mdlm" else (shapes["P"], shapes["D"])
+    samples = []
+    for seed in seeds:
+        noise = draw_noise(seed, batch, token_steps, shapes["L"], latent_shape)
+        samples.append(recording.sample(noise, latent_steps).tokens.cpu())
+    feeds = {name: r.feeds for name, r in recorders.items()}
+    if sampler.variant != "mdlm":
+        feeds["encoder"] = [{"tokens": tokens} for tokens in samples]
+    return feeds

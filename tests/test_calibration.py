@@ -1,0 +1,113 @@
+"""calibration/: trajectory feeds, activation statistics, FP16 islands, INT8 Q/DQ graphs."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+
+from calibration.fp16_islands import calibrate_fp16_islands, choose_fp32_islands
+from calibration.int8 import int8_dtype_check, quantize_int8
+from calibration.stats import TensorStats, activation_stats
+from calibration.trajectories import record_feeds
+from runtimes.backends import make_runners
+from runtimes.bundle import Bundle
+from runtimes.errors import ToleranceExceeded
+from runtimes.samplers import Sampler
+from bundle_fixture import bundle_cache, cached_tiny_bundle  # noqa: F401  (fixture)
+
+STEPS, SEEDS, BATCH = 4, [0, 1], 3
+
+
+@pytest.fixture(scope="module")
+def fuji(bundle_cache):  # noqa: F811
+    bundle = Bundle.open(cached_tiny_bundle(bundle_cache, "fuji"))
+    runners = {g: r.activate() for g, r in make_runners(bundle, "ort").items()}
+    feeds = record_feeds(Sampler.from_bundle(bundle, runners), SEEDS, BATCH, STEPS)
+    model = onnx.load(bundle.onnx_path("denoiser", "fp32"))
+    return bundle, feeds, model
+
+
+def _run(model: onnx.ModelProto, feed: dict) -> list[np.ndarray]:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {k: v.numpy() for k, v in feed.items()})
+
+
+def test_feeds_cover_every_step_of_every_trajectory(fuji):
+    _, feeds, _ = fuji
+    denoiser = feeds["denoiser"]
+    assert len(denoiser) == STEPS * len(SEEDS)
+    assert all(f["x_t"].shape[0] == BATCH for f in denoiser)
+    # the first step of a trajectory sees t = 1 and all tokens masked, the last one t = 1/STEPS
+    assert float(denoiser[0]["t"][0]) == 1.0 and float(denoiser[STEPS - 1]["t"][0]) == pytest.approx(1 / STEPS)
+    assert len(feeds["encoder"]) == len(SEEDS)
+
+
+def test_activation_stats_are_finite_and_consistent(fuji):
+    _, feeds, model = fuji
+    stats = activation_stats(model, feeds["denoiser"])
+    assert len(stats) > 20  # every float intermediate of the MM-DiT, not just the outputs
+    for s in stats.values():
+        assert s.nonfinite == 0
+        assert np.isfinite(s.absmax) and s.rms <= s.absmax + 1e-12
+        assert s.percentile(50) <= s.percentile(99.99) <= s.absmax
+    # the graph's own output: log-probs with the mask column at about -1e4
+    log_probs = stats["log_probs"]
+    assert 9e3 < log_probs.absmax < 1.1e4
+
+
+def test_histogram_statistics():
+    s = TensorStats("n", "Mul")
+    s.update(np.array([0.0, 1e-9, 0.5, 2.0, 3.0, np.nan]))
+    assert s.nonfinite == 1 and s.zeros == 1 and s.count == 5 and s.absmax == 3.0
+    assert s.fraction_below(2.0 ** -24) == pytest.approx(1 / 4)
+    assert s.percentile(100) == 3.0
+
+
+def test_an_overflowing_node_becomes_an_fp32_island(fuji):
+    _, feeds, model = fuji
+    # In the healthy graph only the SUBS penalty (the mask logit - 1e4) and what follows it
+    # come near the FP16 range, by design.
+    healthy = choose_fp32_islands(activation_stats(model, feeds["denoiser"]))
+    assert {d.op_type for d in healthy} <= {"Add", "LogSoftmax"}
+    assert all("absmax 1e+04" in d.reason for d in healthy)
+    # Scale one projection's weights so its output leaves FP16's range at the recorded inputs.
+    broken = onnx.ModelProto()
+    broken.CopyFrom(model)
+    consumers = {i: n for n in broken.graph.node if n.op_type == "MatMul" for i in n.input}
+    init = next(i for i in broken.graph.initializer if i.name in consumers and len(i.dims) == 2)
+    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 3e4, init.name))
+    islands = choose_fp32_islands(activation_stats(broken, feeds["denoiser"]))
+    reasons = {d.node: d.reason for d in islands}
+    assert consumers[init.name].name not in {d.node for d in healthy}
+    assert "overflow" in reasons[consumers[init.name].name]
+
+
+def test_nan_in_the_fp32_graph_is_an_error_not_an_island():
+    s = TensorStats("bad", "Div")
+    s.update(np.array([1.0, np.inf]))
+    with pytest.raises(ToleranceExceeded, match="NaN/Inf"):
+        choose_fp32_islands({"bad_out": s})
+
+
+def test_calibrate_every_graph_of_a_bundle(fuji):
+    bundle, feeds, _ = fuji
+    models = {g: onnx.load(bundle.onnx_path(g, "fp32")) for g in bundle.graph_names}
+    decisions = calibrate_fp16_islands(models, feeds)
+    assert set(decisions) == set(bundle.graph_names)
+
+
+def test_int8_qdq_graph_runs_and_stays_close(fuji):
+    _, feeds, model = fuji
+    stats = activation_stats(model, feeds["denoiser"])
+    quantised, amax = quantize_int8(model, stats)
+    assert int8_dtype_check(quantised) > 0 and amax
+    feed = feeds["denoiser"][len(feeds["denoiser"]) // 2]
+    ref_log_probs, ref_y0 = _run(model, feed)
+    got_log_probs, got_y0 = _run(quantised, feed)
+    assert np.isfinite(got_log_probs).all() and np.isfinite(got_y0).all()
+    ref_p, got_p = np.exp(ref_log_probs), np.exp(got_log_probs)
+    rel_l2 = np.linalg.norm(got_p - ref_p) / np.linalg.norm(ref_p)
+    assert 0 < rel_l2 < 0.05  # changed (quantised) but close
+    assert np.linalg.norm(got_y0 - ref_y0) / np.linalg.norm(ref_y0) < 0.1
