@@ -256,3 +256,41 @@ def test_text_decoder_matches_the_training_decoder():
     assert TextDecoder(None).decode(ids) == [None, None]
     with pytest.raises(BundleError, match="no 'json' field"):
         TextDecoder({"kind": "bpe"})
+
+
+# ----------------------------------------------------------------------------- GPU
+
+def test_gpu_check_dry_run_writes_its_report(tmp_path):
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    report = gpu_check.main(["--dry-run", "--out", str(tmp_path), "--variants", "mdlm,seq", "--batches", "1,2"])
+    saved = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert saved["dry_run"] and [(r["variant"], r["batch"]) for r in saved["speed"]] == [
+        ("mdlm", 1), ("mdlm", 2), ("seq", 1), ("seq", 2)]
+    assert all(r["eager_ms_per_step"] > 0 and r["speedup_graphs_vs_eager"] == 1.0 for r in report["speed"])
+    assert all(r["eager_token_agreement"] == 1.0 for r in report["parity"])  # CPU vs CPU: exact
+    assert report["host_copies"]["checked"] is False
+    assert "| variant |" in (tmp_path / "gpu_check.md").read_text()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_cuda_sampling_loop_never_synchronises(bundle, cuda_graph):
+    runners = make_runners(bundle, "torch", "fp32", "cuda", cuda_graph=cuda_graph)
+    for runner in runners.values():
+        runner.activate()
+    sampler = Sampler.from_bundle(bundle, runners)
+    noise = noise_for(bundle, 0).to("cuda")
+    sampler.sample(noise, latent_steps(bundle))  # warm-up (graph capture synchronises)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any device-to-host copy or sync raises
+    try:
+        result = sampler.sample(noise, latent_steps(bundle))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    cpu = active_sampler(bundle, "torch").sample(noise_for(bundle, 0), latent_steps(bundle))
+    assert (result.tokens.cpu() == cpu.tokens).double().mean().item() >= 0.99

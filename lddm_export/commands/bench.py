@@ -1,0 +1,156 @@
+"""`lddm-export bench`: per-step latency and samples/s of the runtime vs the torch eager reference.
+
+    lddm-export bench --bundle DIR --backend ort --batch 1,32 --steps 16 [--json FILE]
+
+For each batch size B, one sampling call of T_x token steps (plus T_y latent steps for seq)
+is timed on the runtime (the backend's runners inside runtimes.samplers) and on the reference
+sampler of training/sampling.py with the checkpoint's eager torch modules, both fed the same
+draws. Each side gets one warm-up call, then the median of --repeat calls is reported:
+    ms/step   = call time / (T_x + T_y)
+    samples/s = B / call time
+The torch threads and the onnxruntime intra-op threads are both set to --threads, so the
+comparison is fair on a shared CPU.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+
+import click
+
+from runtimes.errors import LddmError
+
+
+def median_seconds(fn, repeat: int) -> float:
+    """One warm-up call of fn(), then the median wall time of `repeat` calls (seconds)."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def parse_batches(text: str) -> list[int]:
+    try:
+        batches = [int(b) for b in text.split(",")]
+    except ValueError:
+        batches = []
+    if not batches or min(batches) <= 0:
+        raise LddmError(f"--batch {text!r} must be positive integers separated by commas, e.g. 1,32")
+    return batches
+
+
+def bench_bundle(bundle, backend: str, precision: str, device: str, batches: list[int], steps: int,
+                 latent_steps: int | None, repeat: int, threads: int | None, ckpt=None) -> list[dict]:
+    """Time the runtime and the reference sampler on one bundle.
+
+    Args:
+        bundle: an opened runtimes.bundle.Bundle.
+        backend, precision, device: the runtime under test (as for make_runners).
+        batches: batch sizes B; steps: T_x; latent_steps: T_y (seq; None defaults to steps).
+        repeat: timed calls per measurement (median reported); threads: CPU threads, or None.
+        ckpt: an explicit checkpoint for the reference, or None for the manifest's.
+    Returns:
+        one row per batch: {"variant", "backend", "precision", "device", "batch", "steps",
+        "runtime_ms_per_step", "runtime_samples_per_s", "reference_ms_per_step",
+        "reference_samples_per_s", "speedup"}.
+    """
+    import torch
+
+    from runtimes.backends import make_runners
+    from runtimes.backends.torch_runner import CheckpointModules
+    from runtimes.noise import draw_noise
+    from runtimes.samplers import GRAPHS, Sampler
+    from training import sampling
+    from training.checkpoint import load_checkpoint
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    variant, shapes = bundle.variant, bundle.shapes
+    latent_steps = (latent_steps or steps) if variant == "seq" else None
+    n_steps = steps + (latent_steps or 0)
+    max_batch = bundle.manifest["batch_profile"]["max"]
+    if max(batches) > max_batch:
+        raise LddmError(f"--batch {max(batches)} is above the bundle's batch profile maximum {max_batch}; "
+                        f"bench batches <= {max_batch} or rebuild with a larger --batch")
+    runners = make_runners(bundle, backend, precision, device, ckpt=ckpt, graphs=list(GRAPHS[variant]),
+                           threads=threads)
+    for runner in runners.values():
+        runner.activate()
+    sampler = Sampler.from_bundle(bundle, runners)
+    model, _ = load_checkpoint(CheckpointModules(bundle, ckpt).checkpoint_path())
+    model = model.to(device)
+    reference = {"mdlm": lambda d: sampling.sample_mdlm(model, d, steps),
+                 "fuji": lambda d: sampling.sample_fuji(model, d, steps),
+                 "seq": lambda d: sampling.sample_seq(model, d, steps, latent_steps)}[variant]
+    rows = []
+    for batch in batches:
+        noise = draw_noise(0, batch, steps, shapes["L"], None if variant == "mdlm" else (shapes["P"], shapes["D"]))
+        draws = {"u": noise.u} if noise.y_init is None else {"u": noise.u, "y_init": noise.y_init}
+        sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+        def run_runtime():
+            sampler.sample(noise, latent_steps)
+            sync()
+
+        def run_reference():
+            reference(draws)
+            sync()
+
+        t_runtime, t_reference = median_seconds(run_runtime, repeat), median_seconds(run_reference, repeat)
+        rows.append({"variant": variant, "backend": backend, "precision": precision, "device": device,
+                     "batch": batch, "steps": n_steps,
+                     "runtime_ms_per_step": 1e3 * t_runtime / n_steps, "runtime_samples_per_s": batch / t_runtime,
+                     "reference_ms_per_step": 1e3 * t_reference / n_steps,
+                     "reference_samples_per_s": batch / t_reference, "speedup": t_reference / t_runtime})
+    for runner in runners.values():
+        runner.deactivate()
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """A markdown table of bench_bundle rows."""
+    lines = ["| variant | backend | precision | batch | runtime ms/step | runtime samples/s | "
+             "torch eager ms/step | torch eager samples/s | speedup |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r['backend']}-{r['device']} | {r['precision']} | {r['batch']} | "
+                     f"{r['runtime_ms_per_step']:.3f} | {r['runtime_samples_per_s']:.1f} | "
+                     f"{r['reference_ms_per_step']:.3f} | {r['reference_samples_per_s']:.1f} | "
+                     f"{r['speedup']:.2f}x |")
+    return "\n".join(lines)
+
+
+@click.command("bench")
+@click.option("--bundle", "bundle_dir", required=True, help="bundle directory")
+@click.option("--backend", default="ort", show_default=True, help="torch, ort, ort-trt or trt")
+@click.option("--precision", default="fp32", show_default=True, help="fp32 or fp16")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N")
+@click.option("--batch", "batch_text", default="1,32", show_default=True, help="batch sizes, comma-separated")
+@click.option("--steps", type=int, default=16, show_default=True, help="token steps T_x")
+@click.option("--latent-steps", type=int, default=None, help="seq: latent steps T_y [default: --steps]")
+@click.option("--repeat", type=int, default=5, show_default=True, help="timed calls per measurement (median)")
+@click.option("--threads", type=int, default=None, help="CPU threads for torch and onnxruntime")
+@click.option("--ckpt", default=None, help="the bundle's model.pt, when not at the recorded path")
+@click.option("--json", "json_path", default=None, help="also write the rows as JSON to this file")
+def command(bundle_dir, backend, precision, device, batch_text, steps, latent_steps, repeat, threads, ckpt,
+            json_path):
+    """Time the sampling loop per step: the runtime vs the torch eager reference sampler."""
+    from runtimes.backends import check_choice
+    from runtimes.bundle import Bundle
+
+    for name, value in (("--steps", steps), ("--latent-steps", latent_steps), ("--repeat", repeat),
+                        ("--threads", threads)):
+        if value is not None and value <= 0:
+            raise LddmError(f"{name} must be a positive integer, got {value}")
+    batches = parse_batches(batch_text)
+    check_choice(backend, precision, device)
+    bundle = Bundle.open(bundle_dir)
+    rows = bench_bundle(bundle, backend, precision, device, batches, steps, latent_steps, repeat, threads, ckpt)
+    click.echo(format_table(rows))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(rows, f, indent=2)
