@@ -1,0 +1,294 @@
+"""`lddm-export verify`: three-level numerical parity of a bundle against its checkpoint.
+
+Before any measurement: every bundle file must match its sha256 in the manifest, and the
+checkpoint must be the one the bundle was built from (sha256).
+
+1. Per graph: Polygraphy's Comparator runs the torch reference runner and the backend's
+   runner (our runners behind Polygraphy's BaseRunner) on fresh random inputs at batch 1, 3
+   and 8 and t in {0.001, 0.5, 0.999}; every output is held to its tolerance in
+   runtimes/tolerances.py (FP32: max relative error; FP16: relative L2 of the softmax and KL).
+2. Trajectory: the runtime sampler on the backend and on the torch reference, fed the same
+   noise, stepped in lockstep: token agreement and latent error per step. The torch runtime
+   reproduces training/sampling.py token for token (tests/test_runtime.py), so this is the
+   comparison with the reference sampler. Gated for FP32 (>= 99.9% of tokens); reported for
+   FP16, where a categorical draw that lands within rounding of a CDF boundary flips and
+   the two trajectories legitimately part: FP16 is gated on levels 1 and 3.
+3. Distribution: samples of the backend at each precision vs the torch FP32 reference, same
+   seeds. Sawtooth (binary, no tokenizer): sliced Wasserstein distance to fresh data, within
+   DISTRIBUTION_SWD_MARGIN of the reference's. Text: unigram entropy within the same margin
+   (generative perplexity needs a reference AR model: --ar-ckpt).
+
+The report is printed as a table and written to <bundle>/parity.json (and --json FILE).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from polygraphy.backend.base import BaseRunner
+from polygraphy.common import TensorMetadata
+from polygraphy.comparator import Comparator
+from polygraphy.logger import G_LOGGER
+
+from runtimes.backends import make_runners
+from runtimes.base import Runner
+from runtimes.bundle import Bundle, sha256_file
+from runtimes.compare import measure
+from runtimes.errors import BundleError, ToleranceExceeded
+from runtimes.noise import draw_noise
+from runtimes.samplers import Sampler, sample_batches
+from runtimes.spec import BATCH
+from runtimes.tolerances import (DISTRIBUTION_SWD_MARGIN, FP16_KL, FP16_REL_L2, FP32_MAX_REL,
+                                 TRAJECTORY_TOKEN_AGREEMENT, graph_tolerances)
+
+LEVEL1_BATCHES = (1, 3, 8)
+LEVEL1_TIMES = (0.001, 0.5, 0.999)
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class VerifyOptions:
+    """What verify measures.
+
+    Attributes:
+        backend: the backend under test ("ort", "ort-trt" or "trt"); the reference is torch.
+        precisions: the ONNX precisions to check.
+        device: where both backends run ("cpu" or "cuda").
+        seed: seeds the level-1 inputs and the sampling noise.
+        steps, latent_steps: chain lengths for levels 2 and 3 (latent_steps: seq only).
+        trajectory_samples: samples stepped in lockstep at level 2.
+        distribution_samples: samples per precision at level 3.
+        batch_size: samples per sampling call.
+    """
+
+    backend: str = "ort"
+    precisions: tuple[str, ...] = ("fp32", "fp16")
+    device: str = "cpu"
+    seed: int = 0
+    steps: int = 8
+    latent_steps: int = 8
+    trajectory_samples: int = 16
+    distribution_samples: int = 1024
+    batch_size: int = 64
+
+
+def open_verified(bundle_dir: str | Path, ckpt: str | Path) -> Bundle:
+    """The bundle, with every file's hash checked and the checkpoint matched to it (sha256)."""
+    bundle = Bundle.open(bundle_dir, check_hashes=True)
+    ckpt = Path(ckpt)
+    if not ckpt.is_file():
+        raise BundleError(f"checkpoint {ckpt} does not exist; pass the model.pt the bundle was built from")
+    if sha256_file(ckpt) != bundle.manifest["checkpoint"]["sha256"]:
+        raise BundleError(f"checkpoint {ckpt} is not the one bundle {bundle.root} was built from (sha256 "
+                          f"differs); pass the original model.pt or rebuild the bundle from this one")
+    return bundle
+
+
+# ----------------------------------------------------------------------------- level 1
+
+class PolygraphyRunner(BaseRunner):
+    """Our Runner behind Polygraphy's BaseRunner interface (numpy feeds in and out)."""
+
+    def __init__(self, runner: Runner):
+        super().__init__(name=runner.name)
+        self.runner = runner
+
+    def activate_impl(self):
+        self.runner.activate()
+
+    def get_input_metadata_impl(self):
+        meta = TensorMetadata()
+        for s in self.runner.spec.inputs:
+            meta.add(s.name, np.dtype(s.dtype), [None if d == BATCH else d for d in s.shape])
+        return meta
+
+    def infer_impl(self, feed_dict):
+        started = time.perf_counter()
+        out = self.runner.infer({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feed_dict.items()})
+        self.inference_time = time.perf_counter() - started  # Polygraphy reports it
+        return OrderedDict((k, v.detach().cpu().numpy()) for k, v in out.items())
+
+    def deactivate_impl(self):
+        self.runner.deactivate()
+
+
+def _level1_feeds(bundle: Bundle, graph: str, seed: int) -> list[OrderedDict]:
+    from lddm_export.export import sample_inputs
+
+    spec, generator = bundle.spec(graph), torch.Generator().manual_seed(seed)
+    feeds = []
+    for batch in LEVEL1_BATCHES:
+        for t in LEVEL1_TIMES:
+            tensors = sample_inputs(spec, batch, bundle.shapes["V"], generator)
+            feed = OrderedDict((s.name, x.numpy()) for s, x in zip(spec.inputs, tensors))
+            if "t" in feed:
+                feed["t"] = np.full((batch,), t, dtype=np.float32)
+            feeds.append(feed)
+    return feeds
+
+
+def verify_graphs(bundle: Bundle, ckpt: Path, options: VerifyOptions, precision: str, log: Log) -> dict:
+    """Level 1 for every graph at one precision. Returns graph -> {passed, outputs, failures}."""
+    G_LOGGER.module_severity = G_LOGGER.ERROR
+    reference = make_runners(bundle, "torch", "fp32", options.device, ckpt=ckpt)
+    tested = make_runners(bundle, options.backend, precision, options.device)
+    results = {}
+    for graph in bundle.graph_names:
+        tolerances = graph_tolerances(precision, bundle.spec(graph).output_names)
+        worst: dict[str, dict] = {}
+        failures: list[str] = []
+
+        def compare(ref_result, got_result, graph=graph, tolerances=tolerances, worst=worst, failures=failures):
+            verdicts = OrderedDict()
+            for name, tolerance in tolerances.items():
+                report = measure(got_result[name], ref_result[name], tolerance)
+                _keep_worst(worst, name, report.to_dict())
+                failures.extend(f"{graph}.{name}: {f}" for f in report.failures)
+                verdicts[name] = report.passed
+            return verdicts
+
+        feeds = _level1_feeds(bundle, graph, options.seed)
+        run = Comparator.run([PolygraphyRunner(reference[graph]), PolygraphyRunner(tested[graph])],
+                             data_loader=feeds)
+        passed = bool(Comparator.compare_accuracy(run, compare_func=compare))
+        results[graph] = {"passed": passed and not failures, "outputs": worst,
+                          "failures": sorted(set(failures)), "cases": len(feeds)}
+        log(f"[graphs/{precision}] {graph}: {'ok' if results[graph]['passed'] else 'FAIL'} "
+            + ", ".join(f"{n} " + _brief(r) for n, r in worst.items()))
+    return results
+
+
+def _keep_worst(worst: dict, name: str, report: dict) -> None:
+    if name not in worst:
+        worst[name] = report
+        return
+    for key in ("max_abs", "max_rel", "rel_l2", "kl", "nonfinite"):
+        if report[key] is not None and (worst[name][key] is None or report[key] > worst[name][key]):
+            worst[name][key] = report[key]
+    worst[name]["passed"] = worst[name]["passed"] and report["passed"]
+
+
+def _brief(r: dict) -> str:
+    kl = f" kl {r['kl']:.2e}" if r["kl"] is not None else ""
+    return f"(max_rel {r['max_rel']:.2e}, rel_l2 {r['rel_l2']:.2e}{kl})"
+
+
+# ----------------------------------------------------------------------------- level 2
+
+def verify_trajectory(bundle: Bundle, ckpt: Path, options: VerifyOptions, precision: str, log: Log) -> dict:
+    """Level 2 at one precision: per-step token agreement and latent error vs the torch runtime."""
+    def sampler(backend: str, prec: str) -> Sampler:
+        runners = make_runners(bundle, backend, prec, options.device, ckpt=ckpt if backend == "torch" else None)
+        return Sampler.from_bundle(bundle, {g: r.activate() for g, r in runners.items()})
+
+    reference, tested = sampler("torch", "fp32"), sampler(options.backend, precision)
+    shapes = bundle.shapes
+    latent_shape = None if bundle.variant == "mdlm" else (shapes["P"], shapes["D"])
+    noise = draw_noise(options.seed, options.trajectory_samples, options.steps, shapes["L"], latent_shape)
+    latent_steps = options.latent_steps if bundle.variant == "seq" else None
+    per_step = []
+    for ref, got in zip(reference.steps(noise, latent_steps), tested.steps(noise, latent_steps)):
+        step = {"phase": ref.phase, "index": ref.index, "t": ref.t,
+                "token_agreement": float((ref.x == got.x).double().mean())}
+        if ref.y is not None:
+            step["latent_max_abs"] = float((ref.y - got.y).abs().max())
+        per_step.append(step)
+    final = per_step[-1]["token_agreement"]
+    gated = precision == "fp32"
+    passed = (final >= TRAJECTORY_TOKEN_AGREEMENT
+              and all(s["token_agreement"] >= TRAJECTORY_TOKEN_AGREEMENT for s in per_step)) if gated else True
+    latent = max((s.get("latent_max_abs", 0.0) for s in per_step), default=0.0)
+    log(f"[trajectory/{precision}] token agreement {final:.4%} (min over steps "
+        f"{min(s['token_agreement'] for s in per_step):.4%}), latent max abs error {latent:.2e}"
+        f"{'' if gated else ' (reported, not gated)'}{'' if passed else ' FAIL'}")
+    return {"passed": passed, "gated": gated, "final_token_agreement": final, "steps": per_step,
+            "samples": options.trajectory_samples}
+
+
+# ----------------------------------------------------------------------------- level 3
+
+def _samples(bundle: Bundle, ckpt: Path, backend: str, precision: str, options: VerifyOptions) -> torch.Tensor:
+    runners = make_runners(bundle, backend, precision, options.device, ckpt=ckpt if backend == "torch" else None)
+    sampler = Sampler.from_bundle(bundle, {g: r.activate() for g, r in runners.items()})
+    latent_steps = options.latent_steps if bundle.variant == "seq" else None
+    return sample_batches(sampler, options.seed, options.distribution_samples, options.batch_size,
+                          options.steps, latent_steps).tokens
+
+
+def verify_distribution(bundle: Bundle, ckpt: Path, options: VerifyOptions, log: Log) -> dict:
+    """Level 3: each precision's samples vs the torch FP32 reference's (same seeds)."""
+    from training.data import sample_sawtooth
+    from training.metrics import sliced_wasserstein, unigram_entropy
+
+    reference = _samples(bundle, ckpt, "torch", "fp32", options)
+    sawtooth = bundle.manifest["tokenizer"] is None and bundle.manifest["config"]["vocab_size"] == 2
+    if sawtooth:
+        data = sample_sawtooth(options.distribution_samples, bundle.shapes["L"],
+                               torch.Generator().manual_seed(options.seed + 10_000))
+        metric, score = "swd_to_data", (lambda tokens: sliced_wasserstein(tokens, data))
+    else:
+        metric, score = "unigram_entropy", unigram_entropy
+    ref_score = score(reference)
+    results = {"metric": metric, "reference": ref_score, "samples": options.distribution_samples,
+               "margin": DISTRIBUTION_SWD_MARGIN, "precisions": {}}
+    for precision in options.precisions:
+        got = score(_samples(bundle, ckpt, options.backend, precision, options))
+        rel = abs(got - ref_score) / max(abs(ref_score), 1e-12)
+        passed = rel <= DISTRIBUTION_SWD_MARGIN
+        results["precisions"][precision] = {"value": got, "relative_difference": rel, "passed": passed}
+        log(f"[distribution/{precision}] {metric} {got:.4f} vs reference {ref_score:.4f} "
+            f"({rel:.2%}, margin {DISTRIBUTION_SWD_MARGIN:.0%}){'' if passed else ' FAIL'}")
+    results["passed"] = all(p["passed"] for p in results["precisions"].values())
+    return results
+
+
+# ----------------------------------------------------------------------------- all levels
+
+def verify_bundle(bundle_dir: str | Path, ckpt: str | Path, options: VerifyOptions = VerifyOptions(),
+                  json_path: str | Path | None = None, log: Log = print) -> dict:
+    """Run the three levels, write parity.json (and json_path), and return the report.
+
+    Raises:
+        BundleError: changed bundle files, or a checkpoint the bundle was not built from.
+        ToleranceExceeded: after the report is written, when any gated check failed; the
+            message names the failing graphs and outputs.
+    """
+    bundle, ckpt = open_verified(bundle_dir, ckpt), Path(ckpt)
+    report = {"bundle": str(bundle.root), "checkpoint": {"path": str(ckpt), "sha256": sha256_file(ckpt)},
+              "variant": bundle.variant, "options": {**options.__dict__, "precisions": list(options.precisions)},
+              "tolerances": {"fp32_max_rel": FP32_MAX_REL, "fp16_rel_l2": FP16_REL_L2, "fp16_kl": FP16_KL,
+                             "trajectory_token_agreement": TRAJECTORY_TOKEN_AGREEMENT,
+                             "distribution_margin": DISTRIBUTION_SWD_MARGIN},
+              "graphs": {}, "trajectory": {}}
+    for precision in options.precisions:
+        report["graphs"][precision] = verify_graphs(bundle, ckpt, options, precision, log)
+        report["trajectory"][precision] = verify_trajectory(bundle, ckpt, options, precision, log)
+    report["distribution"] = verify_distribution(bundle, ckpt, options, log)
+    failures = [f for p in options.precisions for g in report["graphs"][p].values() for f in g["failures"]]
+    failures += [f"trajectory ({p}): token agreement {report['trajectory'][p]['final_token_agreement']:.4%}"
+                 for p in options.precisions if not report["trajectory"][p]["passed"]]
+    failures += [f"distribution ({p}): {report['distribution']['metric']} differs by {r['relative_difference']:.2%}"
+                 for p, r in report["distribution"]["precisions"].items() if not r["passed"]]
+    report["passed"], report["failures"] = not failures, failures
+    for path in [bundle.root / "parity.json"] + ([Path(json_path)] if json_path else []):
+        _write_json(path, report)
+    if failures:
+        raise ToleranceExceeded(f"bundle {bundle.root} failed parity: {'; '.join(failures[:4])}"
+                                f"{' and more' if len(failures) > 4 else ''} (details in parity.json)")
+    return report
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
