@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import re
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -51,11 +53,16 @@ def read_checkpoint(path: str | Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; pass the model.pt written by lddm-train")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols it is about to refuse
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"checkpoint {path} holds objects that a weights-only load refuses "
-            f"({str(e).splitlines()[0][:120]}); it is not an lddm checkpoint and was not executed") from None
+        if zipfile.is_zipfile(path) or _is_pickle(path):
+            refused = re.search(r"GLOBAL ([\w.]+)", str(e))
+            what = f"the global {refused.group(1)}" if refused else "objects other than tensors and plain data"
+            raise CheckpointError(f"checkpoint {path} holds {what}, which a weights-only load refuses; it was "
+                                  f"not executed; pass a model.pt written by lddm-train") from None
+        raise CheckpointError(f"checkpoint {path} is not a torch file; pass a model.pt written by lddm-train") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         raise CheckpointError(
             f"checkpoint {path} is truncated or not a torch file ({type(e).__name__}); "
@@ -92,6 +99,13 @@ def load_checkpoint(path: str | Path, check_finite: bool = True) -> tuple[LDDM, 
             raise CheckpointError(f"checkpoint {path} has NaN or Inf weights in {bad[:3]}"
                                   f"{' and more' if len(bad) > 3 else ''}; retrain or restore an earlier checkpoint")
     return model.eval(), ckpt
+
+
+def _is_pickle(path: Path) -> bool:
+    """A raw pickle (protocol 2+) starts with the PROTO opcode 0x80 and the protocol number."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
 
 
 def sha256_file(path: str | Path) -> str:
