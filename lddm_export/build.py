@@ -1,0 +1,381 @@
+"""The build pipeline: checkpoint -> bundle (DESIGN.md, "The bundle").
+
+Stages, each reported on one line through `log`:
+  1. checkpoint  read and check it (format, config, NaN/Inf weights), hash it;
+  2. export      every graph to onnx/<graph>.fp32.onnx, then the mixed onnx/<graph>.fp16.onnx
+                 (skipped when the existing bundle was built from the same checkpoint with the
+                 same options and tools: the ONNX files are carried over);
+  3. engines     TensorRT engines through lddm_export.engines (--engines on, or auto where
+                 TensorRT and a GPU are present);
+  4. manifest    sha256 of every file, tools, profile, schedule, tokenizer;
+  5. commit      the bundle was written into a temporary directory beside DIR; it is renamed
+                 into place only now, so a failure or Ctrl-C at any stage leaves DIR as it was.
+
+All arguments are checked before anything is written. This module imports neither torch nor
+training/ at import time: `build_engines_for_bundle` (lddm-export build --bundle DIR) runs on
+a Jetson with only tensorrt, onnx and numpy.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from lddm_export import manifest as manifests
+from runtimes.errors import BundleError, LddmError
+
+PRECISIONS = ("fp32", "fp16")
+ENGINE_MODES = ("auto", "on", "off")
+MIN_OPSET = 17            # LayerNormalization entered the default ONNX domain in opset 17
+DEFAULT_OPSET = 18
+DEFAULT_PROFILE = {"min": 1, "opt": 8, "max": 64}
+
+Log = Callable[[str], None]
+
+
+# ----------------------------------------------------------------------------- options
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """What to build. Construct through parse_options() to get every argument checked.
+
+    Attributes:
+        precisions: ONNX graphs to write, a subset of ("fp32", "fp16") in that order.
+        engines: "auto" (where TensorRT and a GPU exist), "on" or "off".
+        profile: TensorRT batch profile {"min", "opt", "max"}, 1 <= min <= opt <= max.
+        opset: ONNX default-domain opset, >= 17.
+        workspace_mb: TensorRT builder workspace cap in MiB, or None.
+        force: replace an existing DIR that is not an up-to-date bundle of this checkpoint,
+            and rebuild everything (no stage is skipped).
+        keep_fp32_nodes: extra node names the FP16 pass keeps in FP32 (from calibration).
+    """
+
+    precisions: tuple[str, ...] = PRECISIONS
+    engines: str = "auto"
+    profile: dict = field(default_factory=lambda: dict(DEFAULT_PROFILE))
+    opset: int = DEFAULT_OPSET
+    workspace_mb: int | None = None
+    force: bool = False
+    keep_fp32_nodes: tuple[str, ...] = ()
+
+
+def parse_precisions(text: str) -> tuple[str, ...]:
+    """"fp16" or "fp32,fp16" -> ("fp32", "fp16"); raises LddmError for an unknown name."""
+    names = [p.strip().lower() for p in text.split(",") if p.strip()]
+    unknown = [p for p in names if p not in PRECISIONS]
+    if unknown or not names:
+        raise LddmError(f"--precision {text!r} names {unknown or 'nothing'}; "
+                        f"use a comma-separated subset of {','.join(PRECISIONS)}")
+    return tuple(p for p in PRECISIONS if p in names)
+
+
+def parse_batch_profile(text: str) -> dict:
+    """"1,8,64" -> {"min": 1, "opt": 8, "max": 64}; raises LddmError unless 1 <= MIN <= OPT <= MAX."""
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) != 3 or not all(p.isdigit() for p in parts):
+        raise LddmError(f"--batch {text!r} must be three positive integers MIN,OPT,MAX, e.g. 1,8,64")
+    lo, opt, hi = (int(p) for p in parts)
+    if not 1 <= lo <= opt <= hi:
+        raise LddmError(f"--batch {text!r} must satisfy 1 <= MIN <= OPT <= MAX "
+                        f"(got MIN {lo}, OPT {opt}, MAX {hi}), e.g. 1,8,64")
+    return {"min": lo, "opt": opt, "max": hi}
+
+
+def check_opset(opset: int) -> int:
+    """Raise LddmError for an opset below 17 or above what the installed onnx knows."""
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    if opset < MIN_OPSET:
+        raise LddmError(f"--opset {opset} is too low: the graphs use LayerNormalization, which needs "
+                        f"opset >= {MIN_OPSET}; use --opset {DEFAULT_OPSET}")
+    if opset > newest:
+        raise LddmError(f"--opset {opset} is newer than the installed onnx {onnx.__version__} knows "
+                        f"({newest}); use --opset {DEFAULT_OPSET}")
+    return opset
+
+
+def parse_options(precision: str = "fp32,fp16", engines: str = "auto", batch: str = "1,8,64",
+                  opset: int = DEFAULT_OPSET, workspace_mb: int | None = None,
+                  force: bool = False) -> BuildOptions:
+    """BuildOptions from the CLI's strings, every one checked (raises LddmError)."""
+    if engines not in ENGINE_MODES:
+        raise LddmError(f"--engines {engines!r} must be one of {', '.join(ENGINE_MODES)}")
+    if workspace_mb is not None and workspace_mb <= 0:
+        raise LddmError(f"--workspace-mb {workspace_mb} must be a positive number of MiB")
+    return BuildOptions(parse_precisions(precision), engines, parse_batch_profile(batch),
+                        check_opset(opset), workspace_mb, force)
+
+
+def default_out_dir(ckpt: Path) -> Path:
+    """bundles/<checkpoint stem>, relative to the working directory."""
+    return Path("bundles") / Path(ckpt).stem
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+def build_bundle(ckpt: str | Path, out: str | Path | None = None, options: BuildOptions = BuildOptions(),
+                 log: Log = print) -> Path:
+    """Build a bundle from a checkpoint (the stages of the module docstring).
+
+    Args:
+        ckpt: the lddm checkpoint (model.pt).
+        out: the bundle directory to create or replace; default bundles/<ckpt stem>.
+        options: what to build (parse_options()).
+        log: progress sink, one line per stage or graph.
+    Returns:
+        the bundle directory.
+    Raises:
+        CheckpointError: missing, corrupt or non-finite checkpoint.
+        BundleError: `out` exists and is not an up-to-date bundle of this checkpoint (no --force).
+        LddmError: export, FP16 pass or engine failures (BackendUnavailable, EngineBuildError).
+    """
+    from training.checkpoint import load_checkpoint
+
+    ckpt, out = Path(ckpt), Path(out) if out is not None else default_out_dir(Path(ckpt))
+    started = time.perf_counter()
+    model, raw = load_checkpoint(ckpt)
+    ckpt_sha = manifests.sha256_file(ckpt)
+    log(f"[checkpoint] {ckpt}: {model.cfg.variant}, L={model.cfg.seq_len}, V={model.cfg.total_vocab}, "
+        f"sha256 {ckpt_sha[:12]}")
+    reusable = _reusable_bundle(out, ckpt_sha, options, log)
+    engines = _engines_wanted(options.engines, log)
+
+    def stages(tmp: Path) -> None:
+        if reusable is not None:
+            shutil.copytree(out, tmp, dirs_exist_ok=True)
+            (tmp / manifests.MANIFEST).unlink()
+            log(f"[export] skipped: {out} was built from this checkpoint (sha256 {ckpt_sha[:12]}) "
+                f"with the same precisions, opset and tools; its ONNX files are kept")
+            manifest = {**reusable, "batch_profile": dict(options.profile),
+                        "checkpoint": {"path": str(ckpt.resolve()), "sha256": ckpt_sha},
+                        "tools": {**reusable["tools"], **manifests.tool_versions()}}
+        else:
+            graphs = export_bundle_graphs(model, tmp, options, log)
+            manifest = manifests.new_manifest(raw["config"], raw["tokenizer"], ckpt, ckpt_sha, graphs,
+                                              options.profile, options.opset)
+        if engines:
+            manifest = _add_engines(tmp, manifest, options, log)
+        written = manifests.write_manifest(tmp, manifest)
+        log(f"[manifest] {len(written['files'])} files hashed")
+
+    _write_atomically(out, stages)
+    log(f"[done] {out} in {time.perf_counter() - started:.1f} s")
+    return out
+
+
+def build_engines_for_bundle(bundle: str | Path, options: BuildOptions, log: Log = print) -> Path:
+    """Add TensorRT engines to an existing bundle (lddm-export build --bundle DIR --engines on).
+
+    Needs only tensorrt, onnx and numpy: this is the path that runs on the target device.
+
+    Args:
+        bundle: an existing bundle directory; its ONNX files must match their sha256.
+        options: precisions (which graphs get engines), profile, workspace_mb.
+        log: progress sink.
+    Returns:
+        the bundle directory (replaced atomically with the engines added).
+    Raises:
+        BundleError: no valid bundle, changed files, or a precision the bundle has no graph for.
+        BackendUnavailable / EngineBuildError: from lddm_export.engines.
+    """
+    bundle = Path(bundle)
+    manifest = manifests.read_manifest(bundle)
+    changed = manifests.changed_files(bundle, manifest)
+    if changed:
+        raise BundleError(f"bundle {bundle} has files that changed since it was built ({changed[:3]}); "
+                          f"rebuild it with `lddm-export build --ckpt model.pt --force`")
+    graphs = manifest["graphs"].values()
+    have = [p for p in PRECISIONS if graphs and all(p in g["onnx"] for g in graphs)]
+    missing = [p for p in options.precisions if p not in have]
+    if missing:
+        raise BundleError(f"bundle {bundle} has no {','.join(missing)} ONNX graphs to build engines from; "
+                          f"pass --precision {','.join(have) or 'fp16'} or rebuild with --precision {','.join(missing)}")
+    started = time.perf_counter()
+
+    def stages(tmp: Path) -> None:
+        shutil.copytree(bundle, tmp, dirs_exist_ok=True)
+        updated = _add_engines(tmp, {**manifest, "batch_profile": dict(options.profile)}, options, log)
+        written = manifests.write_manifest(tmp, updated)
+        log(f"[manifest] {len(written['files'])} files hashed")
+
+    _write_atomically(bundle, stages)
+    log(f"[done] {bundle} in {time.perf_counter() - started:.1f} s")
+    return bundle
+
+
+def export_bundle_graphs(model, bundle_dir: Path, options: BuildOptions, log: Log) -> dict:
+    """Export every graph of the model's variant (FP32, then the mixed FP16 graph from it).
+
+    Args:
+        model: training.model.LDDM in eval mode.
+        bundle_dir: where onnx/<graph>.<precision>.onnx are written.
+        options: precisions, opset and keep_fp32_nodes.
+        log: progress sink, one line per file.
+    Returns:
+        the manifest's "graphs" table: name -> {"inputs", "outputs", "onnx": {precision: path}}.
+    """
+    from lddm_export.export import EXPORTER, export_graph, save_onnx, set_metadata
+    from lddm_export.fp16 import to_mixed_fp16_with_report
+    from runtimes.spec import graph_specs
+    from training.model import graph_modules
+
+    cfg = model.cfg
+    specs = graph_specs(cfg.variant, cfg.seq_len, cfg.n_latent, cfg.latent_dim, cfg.total_vocab)
+    graphs = {}
+    for name, module in graph_modules(model).items():
+        spec = specs[name]
+        started = time.perf_counter()
+        fp32 = export_graph(module, spec, cfg.total_vocab, options.opset)
+        common = {"lddm.graph": name, "lddm.variant": cfg.variant, "lddm.config": cfg.to_dict(),
+                  "lddm.exporter": EXPORTER}
+        set_metadata(fp32, {**common, "lddm.precision": "fp32"})
+        files = {}
+        if "fp32" in options.precisions:
+            files["fp32"] = _save(save_onnx, fp32, bundle_dir, name, "fp32", started, log)
+        if "fp16" in options.precisions:
+            started = time.perf_counter()
+            fp16, report = to_mixed_fp16_with_report(fp32, options.keep_fp32_nodes)
+            set_metadata(fp16, {**common, "lddm.precision": "fp16",
+                                "lddm.keep_fp32_nodes": list(options.keep_fp32_nodes)})
+            if report.out_of_range:
+                log(f"[export] {name}: constants outside the FP16 range kept in FP32: {report.out_of_range}")
+            files["fp16"] = _save(save_onnx, fp16, bundle_dir, name, "fp16", started, log,
+                                  f", {len(report.fp32_nodes)} FP32 / {len(report.fp16_nodes)} FP16 nodes")
+        graphs[name] = {**spec.to_dict(), "onnx": files}
+    return graphs
+
+
+def _save(save_onnx, model, bundle_dir: Path, graph: str, precision: str, started: float, log: Log,
+          detail: str = "") -> str:
+    rel = f"onnx/{graph}.{precision}.onnx"
+    written = save_onnx(model, bundle_dir / rel)
+    size = sum(p.stat().st_size for p in written)
+    log(f"[export] {rel}: {size / 1e6:.2f} MB in {time.perf_counter() - started:.1f} s{detail}")
+    return rel
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _reusable_bundle(out: Path, ckpt_sha: str, options: BuildOptions, log: Log) -> dict | None:
+    """The existing manifest at `out` if its export can be reused; None if `out` may be replaced.
+
+    Raises BundleError when `out` holds something else and --force was not given.
+    """
+    if out.exists() and not out.is_dir():
+        raise BundleError(f"--out {out} exists and is not a directory; choose another --out")
+    if not out.exists() or not any(out.iterdir()):
+        return None
+    try:
+        old = manifests.read_manifest(out)
+    except BundleError:
+        old = None
+    if options.force:
+        log(f"[export] --force: {out} will be rebuilt and replaced")
+        return None
+    why = _mismatch(old, out, ckpt_sha, options)
+    if why:
+        raise BundleError(f"--out {out} already exists and {why}; pass --force to replace it "
+                          f"or choose another --out")
+    return old
+
+
+def _mismatch(old: dict | None, out: Path, ckpt_sha: str, options: BuildOptions) -> str | None:
+    """Why the bundle at `out` cannot be reused for this build, or None if it can."""
+    if old is None:
+        return "is not an lddm bundle"
+    if old["checkpoint"].get("sha256") != ckpt_sha:
+        return "was built from another checkpoint"
+    if old.get("opset") != options.opset:
+        return f"was built with opset {old.get('opset')}, not {options.opset}"
+    have = {p for g in old["graphs"].values() for p in g["onnx"]}
+    if have != set(options.precisions):
+        return f"holds the precisions {sorted(have)}, not {list(options.precisions)}"
+    if options.keep_fp32_nodes:
+        return "would need a new FP16 graph for the given keep_fp32_nodes"
+    if manifests.export_tools(old["tools"]) != manifests.export_tools(manifests.tool_versions()):
+        return "was exported by other tool versions"
+    changed = manifests.changed_files(out, old)
+    if changed:
+        return f"has files that changed since it was built ({changed[:3]})"
+    return None
+
+
+def _engines_wanted(mode: str, log: Log) -> bool:
+    """--engines on: always (the engines module raises BackendUnavailable where it cannot);
+    auto: only where tensorrt imports and a CUDA GPU answers."""
+    if mode == "off":
+        return False
+    if mode == "on":
+        return True
+    from lddm_export.engines import tensorrt_available
+
+    if not tensorrt_available():
+        log("[engines] skipped: tensorrt is not installed (--engines auto)")
+        return False
+    from runtimes.cuda_util import gpu_identity
+    from runtimes.errors import BackendUnavailable
+
+    try:
+        gpu_identity()
+    except BackendUnavailable as e:
+        log(f"[engines] skipped: no usable GPU ({e}) (--engines auto)")
+        return False
+    return True
+
+
+def _add_engines(bundle_dir: Path, manifest: dict, options: BuildOptions, log: Log) -> dict:
+    """Build the engines into bundle_dir; returns the manifest with "engines" and tools updated."""
+    from lddm_export.engines import build_engines
+
+    for entry in manifest.get("engines", []):  # engines of an earlier build are replaced
+        (bundle_dir / entry["file"]).unlink(missing_ok=True)
+    entries = build_engines(bundle_dir, manifest, list(options.precisions), options.profile,
+                            options.workspace_mb, log)
+    tools = {**manifest["tools"], **manifests.tool_versions()}
+    if entries:  # a JetPack tensorrt may have no pip metadata; the builder knows its version
+        tools["tensorrt"] = entries[0]["trt_version"]
+    log(f"[engines] {len(entries)} engines built")
+    return {**manifest, "engines": entries, "tools": tools}
+
+
+def _sibling(out: Path, kind: str) -> Path:
+    """Create an empty hidden directory beside `out` (mode from the umask, like `out` itself)."""
+    path = out.with_name(f".{out.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.mkdir()
+    except OSError as e:
+        raise BundleError(f"cannot create a directory beside --out {out} ({e.strerror}); "
+                          f"choose an --out in a writable directory") from None
+    return path
+
+
+def _write_atomically(out: Path, stages: Callable[[Path], None]) -> None:
+    """Run `stages(tmp)` in a fresh directory beside `out`, then rename it to `out`.
+
+    On any exception (KeyboardInterrupt included) the temporary directory is removed and `out`
+    is left as it was. An existing `out` is moved aside, the new one renamed into place, and
+    only then the old one deleted.
+    """
+    tmp = _sibling(out, "tmp")
+    try:
+        stages(tmp)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
+            os.replace(out, old)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(old, out)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,43 @@
+"""`lddm-export build`: checkpoint -> bundle, or TensorRT engines for an existing bundle.
+
+    lddm-export build --ckpt model.pt [--out DIR] [--precision fp32,fp16] [--engines auto|on|off]
+                      [--batch MIN,OPT,MAX] [--opset N] [--force] [--workspace-mb N]
+    lddm-export build --bundle DIR --engines on [--precision fp16] [--batch ...] [--workspace-mb N]
+
+The second form runs on the target device (a Jetson) and imports only tensorrt, onnx and
+numpy. The pipeline lives in lddm_export.build.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from lddm_export.build import DEFAULT_OPSET, ENGINE_MODES, build_bundle, build_engines_for_bundle, parse_options
+from runtimes.errors import LddmError
+
+
+@click.command(help=__doc__.split("\n\n")[0])
+@click.option("--ckpt", type=click.Path(path_type=Path), help="the checkpoint (model.pt) to export")
+@click.option("--bundle", type=click.Path(path_type=Path),
+              help="an existing bundle to add TensorRT engines to (with --engines on)")
+@click.option("--out", type=click.Path(path_type=Path), help="bundle directory [default: bundles/<ckpt stem>]")
+@click.option("--precision", default="fp32,fp16", show_default=True, help="ONNX graphs (and engines) to build")
+@click.option("--engines", type=click.Choice(ENGINE_MODES), default="auto", show_default=True,
+              help="TensorRT engines: auto builds them where tensorrt and a GPU are present")
+@click.option("--batch", default="1,8,64", show_default=True, help="TensorRT batch profile MIN,OPT,MAX")
+@click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True, help="ONNX opset (>= 17)")
+@click.option("--force", is_flag=True, help="replace an existing --out and rebuild every stage")
+@click.option("--workspace-mb", type=int, default=None, help="cap on TensorRT's builder workspace (MiB)")
+def command(ckpt, bundle, out, precision, engines, batch, opset, force, workspace_mb):
+    options = parse_options(precision, engines, batch, opset, workspace_mb, force)
+    if (ckpt is None) == (bundle is None):
+        raise LddmError("pass exactly one of --ckpt model.pt (export a bundle) or --bundle DIR "
+                        "(add TensorRT engines to an existing bundle)")
+    if bundle is not None:
+        if out is not None or engines == "off":
+            raise LddmError("--bundle DIR only adds TensorRT engines to DIR in place; "
+                            "pass --engines on and no --out")
+        build_engines_for_bundle(bundle, options, log=click.echo)
+    else:
+        build_bundle(ckpt, out, options, log=click.echo)

@@ -1,0 +1,151 @@
+"""Writing (and, for the engine path, reading) a bundle's manifest.json.
+
+The schema is documented once, in runtimes/bundle.py; this module fills it in. It imports
+neither torch nor training/: `lddm-export build --bundle DIR --engines on` and `inspect` run
+on a Jetson with only tensorrt, onnx and numpy. (runtimes.bundle imports torch through
+runtimes.spec, so the few checks needed here are repeated rather than imported.)
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+from pathlib import Path
+
+from runtimes.errors import BundleError
+
+FORMAT = "lddm-bundle"   # = runtimes.bundle.FORMAT
+VERSION = 1              # = runtimes.bundle.VERSION
+MANIFEST = "manifest.json"
+PARITY = "parity.json"
+UNHASHED = (MANIFEST, PARITY)   # the files table covers every other file of the bundle
+REQUIRED = ("format", "version", "variant", "config", "shapes", "schedule", "graphs",
+            "batch_profile", "engines", "tokenizer", "checkpoint", "files", "tools")
+# Distributions whose versions go into "tools"; those marked True change what export writes.
+TOOLS = {"torch": True, "onnx": True, "onnxscript": True, "onnxslim": True, "lddm-export": True,
+         "onnxruntime": False, "onnxruntime-gpu": False, "tensorrt": False}
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def tool_versions() -> dict[str, str]:
+    """Installed versions of the export and runtime tools (absent ones left out).
+
+    Returns:
+        e.g. {"torch": "2.13.0+cpu", "onnx": "1.23.2", ..., "lddm_export": "0.1.0"}; names use
+        underscores as the manifest does.
+    """
+    versions = {}
+    for dist in TOOLS:
+        try:
+            versions[dist.replace("-", "_")] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def export_tools(tools: dict) -> dict:
+    """The part of a tools table that decides what the ONNX export writes (the cache key)."""
+    return {k: v for k, v in tools.items() if TOOLS.get(k.replace("_", "-"), False)}
+
+
+def new_manifest(config: dict, tokenizer: dict | None, checkpoint_path: Path, checkpoint_sha256: str,
+                 graphs: dict, batch_profile: dict, opset: int) -> dict:
+    """The manifest of a freshly exported bundle (no engines yet, files table empty).
+
+    Args:
+        config: the checkpoint's config dict (training.config.ModelConfig.to_dict()).
+        tokenizer: the checkpoint's tokenizer entry, or None.
+        checkpoint_path: the checkpoint file (recorded as an absolute path).
+        checkpoint_sha256: its sha256.
+        graphs: graph name -> {"inputs", "outputs", "onnx": {precision: relative path}}.
+        batch_profile: {"min", "opt", "max"}.
+        opset: the ONNX opset of every graph.
+    Returns:
+        the manifest dict, in the schema of runtimes/bundle.py.
+    """
+    return {
+        "format": FORMAT, "version": VERSION,
+        "variant": config["variant"],
+        "config": config,
+        "shapes": {"L": config["seq_len"], "P": config["n_latent"], "D": config["latent_dim"],
+                   "V": config["vocab_size"] + 1, "mask_id": config["vocab_size"]},
+        "schedule": {"mask": {"kind": config["mask_schedule"], "eps": config["mask_eps"]},
+                     "latent": {"kind": config["latent_schedule"], "eps": config["latent_eps"]}},
+        "graphs": graphs,
+        "batch_profile": dict(batch_profile),
+        "opset": opset,
+        "engines": [],
+        "tokenizer": tokenizer,
+        "checkpoint": {"path": str(Path(checkpoint_path).resolve()), "sha256": checkpoint_sha256},
+        "files": {},
+        "tools": tool_versions(),
+    }
+
+
+def file_table(bundle_dir: Path) -> dict[str, str]:
+    """sha256 of every file under bundle_dir except manifest.json and parity.json.
+
+    Returns:
+        POSIX relative path -> hex sha256, sorted by path.
+    """
+    table = {}
+    for path in sorted(p for p in bundle_dir.rglob("*") if p.is_file()):
+        rel = path.relative_to(bundle_dir).as_posix()
+        if rel not in UNHASHED:
+            table[rel] = sha256_file(path)
+    return table
+
+
+def write_manifest(bundle_dir: Path, manifest: dict) -> dict:
+    """Fill in the files table from what is in bundle_dir and write manifest.json.
+
+    Returns:
+        the manifest as written.
+    """
+    manifest = {**manifest, "files": file_table(bundle_dir)}
+    tmp = bundle_dir / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, bundle_dir / MANIFEST)
+    return manifest
+
+
+def read_manifest(bundle_dir: Path) -> dict:
+    """Parse a bundle's manifest.json and check its format, version and keys (no hashing).
+
+    Raises:
+        BundleError: no such directory or manifest, invalid JSON, another format or version,
+            or missing keys; the message names the file and says to rebuild.
+    """
+    bundle_dir = Path(bundle_dir)
+    path = bundle_dir / MANIFEST
+    if not bundle_dir.is_dir():
+        raise BundleError(f"bundle {bundle_dir} is not a directory; build one with `lddm-export build --ckpt model.pt`")
+    if not path.is_file():
+        raise BundleError(f"bundle {bundle_dir} has no {MANIFEST}; rebuild it with `lddm-export build --ckpt model.pt`")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"manifest {path} is not valid JSON ({e}); rebuild the bundle with --force") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        got = (manifest.get("format"), manifest.get("version")) if isinstance(manifest, dict) else type(manifest).__name__
+        raise BundleError(f"manifest {path} is not an {FORMAT} version {VERSION} manifest (got {got}); "
+                          f"rebuild the bundle with this lddm-export")
+    missing = [k for k in REQUIRED if k not in manifest]
+    if missing:
+        raise BundleError(f"manifest {path} lacks the keys {missing}; rebuild the bundle with --force")
+    return manifest
+
+
+def changed_files(bundle_dir: Path, manifest: dict) -> list[str]:
+    """Files the manifest lists that are missing or no longer match their sha256."""
+    return [rel for rel, digest in manifest["files"].items()
+            if not (bundle_dir / rel).is_file() or sha256_file(bundle_dir / rel) != digest]
