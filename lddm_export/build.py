@@ -189,8 +189,7 @@ def build_engines_for_bundle(bundle: str | Path, options: BuildOptions, log: Log
     if changed:
         raise BundleError(f"bundle {bundle} has files that changed since it was built ({changed[:3]}); "
                           f"rebuild it with `lddm-export build --ckpt model.pt --force`")
-    graphs = manifest["graphs"].values()
-    have = [p for p in PRECISIONS if graphs and all(p in g["onnx"] for g in graphs)]
+    have = bundle_precisions(manifest)
     missing = [p for p in options.precisions if p not in have]
     if missing:
         raise BundleError(f"bundle {bundle} has no {','.join(missing)} ONNX graphs to build engines from; "
@@ -206,6 +205,12 @@ def build_engines_for_bundle(bundle: str | Path, options: BuildOptions, log: Log
     _write_atomically(bundle, stages)
     log(f"[done] {bundle} in {time.perf_counter() - started:.1f} s")
     return bundle
+
+
+def bundle_precisions(manifest: dict) -> tuple[str, ...]:
+    """The precisions every graph of a bundle has an ONNX file for, e.g. ("fp32", "fp16")."""
+    graphs = manifest["graphs"].values()
+    return tuple(p for p in PRECISIONS if graphs and all(p in g["onnx"] for g in graphs))
 
 
 def export_bundle_graphs(model, bundle_dir: Path, options: BuildOptions, log: Log) -> dict:

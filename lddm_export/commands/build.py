@@ -9,11 +9,14 @@ numpy. The pipeline lives in lddm_export.build.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import click
 
-from lddm_export.build import DEFAULT_OPSET, ENGINE_MODES, build_bundle, build_engines_for_bundle, parse_options
+from lddm_export.build import (DEFAULT_OPSET, ENGINE_MODES, PRECISIONS, build_bundle, build_engines_for_bundle,
+                               bundle_precisions, parse_options)
+from lddm_export.manifest import read_manifest
 from runtimes.errors import LddmError
 
 
@@ -22,7 +25,8 @@ from runtimes.errors import LddmError
 @click.option("--bundle", type=click.Path(path_type=Path),
               help="an existing bundle to add TensorRT engines to (with --engines on)")
 @click.option("--out", type=click.Path(path_type=Path), help="bundle directory [default: bundles/<ckpt stem>]")
-@click.option("--precision", default="fp32,fp16", show_default=True, help="ONNX graphs (and engines) to build")
+@click.option("--precision", default=None,
+              help="ONNX graphs (and engines) to build [default: fp32,fp16; with --bundle, what it has]")
 @click.option("--engines", type=click.Choice(ENGINE_MODES), default="auto", show_default=True,
               help="TensorRT engines: auto builds them where tensorrt and a GPU are present")
 @click.option("--batch", default="1,8,64", show_default=True, help="TensorRT batch profile MIN,OPT,MAX")
@@ -30,7 +34,7 @@ from runtimes.errors import LddmError
 @click.option("--force", is_flag=True, help="replace an existing --out and rebuild every stage")
 @click.option("--workspace-mb", type=int, default=None, help="cap on TensorRT's builder workspace (MiB)")
 def command(ckpt, bundle, out, precision, engines, batch, opset, force, workspace_mb):
-    options = parse_options(precision, engines, batch, opset, workspace_mb, force)
+    options = parse_options(precision or ",".join(PRECISIONS), engines, batch, opset, workspace_mb, force)
     if (ckpt is None) == (bundle is None):
         raise LddmError("pass exactly one of --ckpt model.pt (export a bundle) or --bundle DIR "
                         "(add TensorRT engines to an existing bundle)")
@@ -38,6 +42,8 @@ def command(ckpt, bundle, out, precision, engines, batch, opset, force, workspac
         if out is not None or engines == "off":
             raise LddmError("--bundle DIR only adds TensorRT engines to DIR in place; "
                             "pass --engines on and no --out")
+        if precision is None:
+            options = dataclasses.replace(options, precisions=bundle_precisions(read_manifest(bundle)))
         build_engines_for_bundle(bundle, options, log=click.echo)
     else:
         build_bundle(ckpt, out, options, log=click.echo)

@@ -1,0 +1,264 @@
+"""`lddm-export build`, `inspect` and `doctor` through the CLI: the bundle, its manifest, the
+export cache, atomic replacement, and a clear refusal of every bad input."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest_export import tiny_checkpoint
+from lddm_export import build
+from lddm_export.cli import cli, main
+from lddm_export.commands.doctor import jetpack_release
+from runtimes.bundle import Bundle, sha256_file
+
+HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("build")
+
+
+@pytest.fixture(scope="module")
+def ckpt(workdir) -> Path:
+    return tiny_checkpoint(workdir / "mdlm.pt", "mdlm")
+
+
+@pytest.fixture(scope="module")
+def bundle(workdir, ckpt) -> Path:
+    """One FP32 + FP16 bundle of the tiny MDLM checkpoint, built through the CLI."""
+    out = workdir / "bundle"
+    result = CliRunner().invoke(cli, ["build", "--ckpt", str(ckpt), "--out", str(out), "--engines", "off",
+                                      "--batch", "1,4,16"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def run_main(argv: list[str], capsys) -> tuple[int, str]:
+    """Run the real entry point (its error handling included); return (exit code, stderr+stdout)."""
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+        sys.exit(0)
+    captured = capsys.readouterr()
+    return info.value.code, captured.err + captured.out
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def leftovers(parent: Path, name: str) -> list[str]:
+    return [p.name for p in parent.iterdir() if p.name.startswith(f".{name}.")]
+
+
+# ----------------------------------------------------------------------------- the bundle
+
+def test_bundle_layout_and_manifest(bundle, ckpt):
+    b = Bundle.open(bundle)  # runtimes' reader: schema and every file's sha256
+    m = b.manifest
+    assert sorted(p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file()) == [
+        "manifest.json", "onnx/denoiser.fp16.onnx", "onnx/denoiser.fp32.onnx"]
+    assert m["files"] == {rel: sha256_file(bundle / rel) for rel in ("onnx/denoiser.fp16.onnx", "onnx/denoiser.fp32.onnx")}
+    assert m["checkpoint"] == {"path": str(ckpt.resolve()), "sha256": sha256_file(ckpt)}
+    assert m["shapes"] == {"L": 16, "P": 3, "D": 4, "V": 6, "mask_id": 5}
+    assert m["schedule"] == {"mask": {"kind": "loglinear", "eps": 0.001}, "latent": {"kind": "sqrt", "eps": 0.0001}}
+    assert m["batch_profile"] == {"min": 1, "opt": 4, "max": 16} and m["opset"] == 18 and m["engines"] == []
+    assert m["tokenizer"] is None and m["config"]["variant"] == "mdlm"
+    assert {"torch", "onnx", "onnxruntime", "lddm_export"} <= set(m["tools"])
+    assert m["graphs"]["denoiser"]["outputs"] == [{"name": "log_probs", "dtype": "float32", "shape": ["B", 16, 6]}]
+
+
+def test_onnx_files_record_their_config(bundle):
+    for precision in ("fp32", "fp16"):
+        model = onnx.load(bundle / f"onnx/denoiser.{precision}.onnx")
+        props = {p.key: p.value for p in model.metadata_props}
+        assert props["lddm.graph"] == "denoiser" and props["lddm.precision"] == precision
+        assert json.loads(props["lddm.config"])["seq_len"] == 16
+        assert props["lddm.exporter"] == "torch.onnx.export(dynamo=True)"
+
+
+def test_bundle_graphs_run_and_agree(bundle):
+    import onnxruntime as ort
+
+    feed = {"x_t": np.random.default_rng(0).integers(0, 6, (3, 16)), "t": np.array([0.1, 0.5, 0.9], np.float32)}
+    outs = [ort.InferenceSession(str(bundle / f"onnx/denoiser.{p}.onnx"), providers=["CPUExecutionProvider"])
+            .run(None, feed)[0] for p in ("fp32", "fp16")]
+    probs = [np.exp(o) for o in outs]
+    assert np.linalg.norm(probs[1] - probs[0]) / np.linalg.norm(probs[0]) < 1e-2
+
+
+def test_unchanged_checkpoint_skips_export(bundle, ckpt):
+    before = snapshot(bundle)
+    result = CliRunner().invoke(cli, ["build", "--ckpt", str(ckpt), "--out", str(bundle), "--engines", "off",
+                                      "--batch", "2,8,32"])
+    assert result.exit_code == 0, result.output
+    assert "[export] skipped" in result.output
+    after = snapshot(bundle)
+    assert {k: v for k, v in after.items() if k != "manifest.json"} == {k: v for k, v in before.items() if k != "manifest.json"}
+    assert json.loads(after["manifest.json"])["batch_profile"] == {"min": 2, "opt": 8, "max": 32}
+    Bundle.open(bundle)
+
+
+def test_default_out_dir(workdir, ckpt, monkeypatch):
+    monkeypatch.chdir(workdir)
+    result = CliRunner().invoke(cli, ["build", "--ckpt", str(ckpt), "--engines", "off", "--precision", "fp16"])
+    assert result.exit_code == 0, result.output
+    assert Bundle.open(workdir / "bundles" / "mdlm").manifest["graphs"]["denoiser"]["onnx"] == {
+        "fp16": "onnx/denoiser.fp16.onnx"}
+
+
+# ----------------------------------------------------------------------------- atomicity
+
+@pytest.mark.parametrize("exception", [RuntimeError("injected"), KeyboardInterrupt()])
+def test_failure_mid_build_leaves_the_previous_bundle(bundle, ckpt, monkeypatch, exception):
+    before = snapshot(bundle)
+
+    def fail_after_fp32(*args, **kwargs):  # the FP32 graph is already written when this runs
+        raise exception
+
+    monkeypatch.setattr("lddm_export.fp16.to_mixed_fp16_with_report", fail_after_fp32)
+    with pytest.raises(type(exception)):
+        build.build_bundle(ckpt, bundle, build.parse_options(engines="off", force=True), log=lambda line: None)
+    assert snapshot(bundle) == before
+    assert leftovers(bundle.parent, bundle.name) == []
+
+
+def test_force_rebuilds_and_replaces(workdir, ckpt):
+    out = workdir / "forced"
+    other = tiny_checkpoint(workdir / "other.pt", "mdlm", seed=1)
+    build.build_bundle(other, out, build.parse_options(engines="off", precision="fp32"), log=lambda line: None)
+    lines = []
+    build.build_bundle(ckpt, out, build.parse_options(engines="off", precision="fp32", force=True), log=lines.append)
+    assert not any("skipped" in line for line in lines)
+    assert Bundle.open(out).manifest["checkpoint"]["sha256"] == sha256_file(ckpt)
+    assert leftovers(workdir, "forced") == []
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def _nan_checkpoint(path: Path) -> Path:
+    tiny_checkpoint(path, "mdlm")
+    raw = torch.load(path, weights_only=True)
+    raw["state_dict"]["denoiser.head.linear.weight"][0, 0] = float("nan")
+    torch.save(raw, path)
+    return path
+
+
+BAD_INPUTS = {
+    "missing checkpoint": (lambda d, ck: ["--ckpt", str(d / "nope.pt")], r"nope\.pt does not exist"),
+    "corrupt checkpoint": (lambda d, ck: ["--ckpt", str(_write(d / "bad.pt", b"\x00garbage"))], r"checkpoint \S*bad\.pt .*(torch file|truncated)"),
+    "NaN weights": (lambda d, ck: ["--ckpt", str(_nan_checkpoint(d / "nan.pt"))], r"NaN or Inf weights"),
+    "unknown precision": (lambda d, ck: ["--ckpt", str(ck), "--precision", "fp8"],
+                          r"--precision 'fp8' names \['fp8'\]; use a comma-separated subset of fp32,fp16"),
+    "MIN > OPT": (lambda d, ck: ["--ckpt", str(ck), "--batch", "8,4,16"], r"1 <= MIN <= OPT <= MAX \(got MIN 8, OPT 4"),
+    "OPT > MAX": (lambda d, ck: ["--ckpt", str(ck), "--batch", "1,32,16"], r"got MIN 1, OPT 32, MAX 16"),
+    "non-integer batch": (lambda d, ck: ["--ckpt", str(ck), "--batch", "1,x,16"], r"three positive integers"),
+    "opset too low": (lambda d, ck: ["--ckpt", str(ck), "--opset", "16"], r"--opset 16 is too low.*LayerNormalization"),
+    "both --ckpt and --bundle": (lambda d, ck: ["--ckpt", str(ck), "--bundle", str(d)], r"exactly one of --ckpt"),
+}
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_clear_sentence(case, tmp_path, ckpt, capsys):
+    args, pattern = BAD_INPUTS[case]
+    argv = ["build", *args(tmp_path, ckpt), "--out", str(tmp_path / "out"), "--engines", "off"]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code, output = run_main(argv, capsys)
+    assert code == 1
+    lines = output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lddm-export: error: "), output
+    assert re.search(pattern, lines[0]), lines[0]
+    assert "Traceback" not in output
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+
+
+def test_existing_out_without_force_is_refused(tmp_path, ckpt, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    code, output = run_main(["build", "--ckpt", str(ckpt), "--out", str(out), "--engines", "off"], capsys)
+    assert code == 1
+    assert f"--out {out} already exists and is not an lddm bundle; pass --force to replace it" in output
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"] and leftovers(tmp_path, "out") == []
+
+
+@pytest.mark.skipif(HAS_TENSORRT, reason="checks the refusal where tensorrt is absent")
+def test_engines_on_without_tensorrt_is_refused(tmp_path, ckpt, capsys):
+    code, output = run_main(["build", "--ckpt", str(ckpt), "--out", str(tmp_path / "out"), "--engines", "on",
+                             "--precision", "fp16"], capsys)
+    assert code == 1
+    assert "import tensorrt" in output and "--engines off" in output
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(HAS_TENSORRT, reason="checks the refusal where tensorrt is absent")
+def test_engines_for_a_bundle_import_neither_torch_nor_training(bundle):
+    before = snapshot(bundle)
+    code = ("import sys\nfrom lddm_export.cli import main\n"
+            "try:\n    main(['build', '--bundle', sys.argv[1], '--engines', 'on'])\nexcept SystemExit as e:\n"
+            "    print('exit', e.code, sorted(m for m in ('torch', 'training') if m in sys.modules))\n")
+    result = subprocess.run([sys.executable, "-c", code, str(bundle)], capture_output=True, text=True, timeout=120,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.stdout.strip().splitlines()[-1] == "exit 1 []", result.stdout + result.stderr
+    assert "import tensorrt" in result.stderr
+    assert snapshot(bundle) == before and leftovers(bundle.parent, bundle.name) == []
+
+
+def test_engines_for_a_bundle_refuse_changed_files(workdir, ckpt):
+    out = workdir / "tampered"
+    build.build_bundle(ckpt, out, build.parse_options(engines="off", precision="fp32"), log=lambda line: None)
+    with open(out / "onnx/denoiser.fp32.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(build.BundleError, match=r"changed since it was built \(\['onnx/denoiser.fp32.onnx'\]\)"):
+        build.build_engines_for_bundle(out, build.parse_options(engines="on", precision="fp32"))
+    with pytest.raises(build.BundleError, match="has no fp16 ONNX graphs"):
+        (out / "onnx/denoiser.fp32.onnx").write_bytes((out / "onnx/denoiser.fp32.onnx").read_bytes()[:-1])
+        build.build_engines_for_bundle(out, build.parse_options(engines="on", precision="fp16"))
+
+
+# ----------------------------------------------------------------------------- inspect, doctor
+
+def test_inspect_shows_the_manifest(bundle):
+    result = CliRunner().invoke(cli, ["inspect", str(bundle)])
+    assert result.exit_code == 0, result.output
+    for text in ("variant        mdlm", "L=16 P=3 D=4 V=6 mask_id=5", "x_t int64[B,16], t float32[B]",
+                 "log_probs float32[B,16,6]", "fp32: onnx/denoiser.fp32.onnx (", "engines: none",
+                 "2 files, all match their sha256", "onnxruntime"):
+        assert text in result.output, text
+
+
+def test_inspect_of_a_non_bundle(tmp_path, capsys):
+    code, output = run_main(["inspect", str(tmp_path)], capsys)
+    assert code == 1 and f"bundle {tmp_path} has no manifest.json" in output
+
+
+def test_doctor_reports_versions_and_capabilities():
+    result = CliRunner().invoke(cli, ["doctor"])
+    assert result.exit_code == 0, result.output
+    assert f"torch          {torch.__version__}" in result.output
+    assert "CPUExecutionProvider" in result.output and "JetPack (L4T)" in result.output
+    assert "export bundles (lddm-export build --ckpt)         yes" in result.output
+    expected = "build TensorRT engines (--engines on)" + ("" if HAS_TENSORRT else " " * 13 + "no")
+    assert expected in result.output
+
+
+def test_jetpack_release_line(tmp_path):
+    release = tmp_path / "nv_tegra_release"
+    release.write_text("# R36 (release), REVISION: 3.0, GCID: 36191598, BOARD: generic, EABI: aarch64\n")
+    assert jetpack_release(release).startswith("R36 (release), REVISION: 3.0")
+    assert jetpack_release(tmp_path / "absent") is None
