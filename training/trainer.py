@@ -241,9 +241,11 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data, out: str | Path,
         stage = 1 if step < n_stage1 else 2
         if model_cfg.has_latent and n_stage1 > 0:
             model.encoder.requires_grad_(stage == 1)
-            if step == n_stage1 and ema_model is not None:
-                # The frozen encoder defines the latents of stage 2; the saved one must be it.
-                ema_model.encoder.load_state_dict(model.encoder.state_dict())
+            if step == n_stage1:
+                recent = []  # the running train losses restart with the new loss
+                if ema_model is not None:
+                    # The frozen encoder defines the latents of stage 2; the saved one must be it.
+                    ema_model.encoder.load_state_dict(model.encoder.state_dict())
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         x0 = data.train_batch(cfg.batch_size, gen).to(device)
@@ -265,12 +267,15 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data, out: str | Path,
         bar.set_postfix(stage=stage, loss_x=f"{terms.loss_x:.4f}", loss_y=f"{terms.loss_y:.4f}", refresh=False)
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
             ev = evaluate(ema_model or model, heldout, device, cfg.lambda_y, opts)
-            avg_x = sum(r[0] for r in recent) / len(recent)
-            avg_y = sum(r[1] for r in recent) / len(recent)
-            history.append({"step": step, "train_x": avg_x, "train_y": avg_y, **ev})
-            line = (f"step {step}: {f'stage {stage} ' if n_stage1 else ''}train_x {avg_x:.4f} train_y {avg_y:.4f} "
-                    f"heldout_x {ev['heldout_x']:.4f} heldout_y {ev['heldout_y']:.4f} "
-                    f"({elapsed + time.time() - start:.0f} s)")
+            record = {"step": step, "train_x": sum(r[0] for r in recent) / len(recent),
+                      "heldout_x": ev["heldout_x"]}
+            if model_cfg.has_latent:
+                record.update(train_y=sum(r[1] for r in recent) / len(recent), heldout_y=ev["heldout_y"])
+            history.append(record)
+            stage_note = [f"stage {stage}"] if n_stage1 else []
+            line = " ".join([f"step {step}:", *stage_note,
+                             *(f"{k} {v:.4f}" for k, v in record.items() if k != "step"),
+                             f"({elapsed + time.time() - start:.0f} s)"])
             (bar.write if progress else log)(line)
             save_resume(resume_path(out), snapshot())
     bar.close()
