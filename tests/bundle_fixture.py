@@ -148,3 +148,24 @@ def copy_bundle(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     _repoint_checkpoint(dst, dst / "model.pt")
     return dst
+
+
+EXPORT_SOURCES = ("export.py", "fp16.py", "build.py", "manifest.py")
+
+
+def built_example_bundle(cache_dir: Path, ckpt: Path) -> Path:
+    """The real `lddm-export build` (fp32 + fp16, no engines) of a checkpoint, cached on disk.
+
+    Keyed by the checkpoint's sha256 and the exporter's sources, so a new checkpoint or a
+    changed export pass builds afresh.
+    """
+    from lddm_export.build import build_bundle, parse_options
+
+    exporter = Path(__file__).resolve().parents[1] / "lddm_export"
+    digest = hashlib.sha256(sha256_file(ckpt).encode())
+    for name in EXPORT_SOURCES:
+        digest.update((exporter / name).read_bytes())
+    out = Path(cache_dir) / f"{ckpt.stem}-{digest.hexdigest()[:16]}"
+    if not (out / "manifest.json").is_file():
+        build_bundle(ckpt, out, parse_options("fp32,fp16", engines="off", force=True), log=lambda line: None)
+    return out

@@ -5,7 +5,8 @@
 For each batch size B, one sampling call of T_x token steps (plus T_y latent steps for seq)
 is timed on the runtime (the backend's runners inside runtimes.samplers) and on the reference
 sampler of training/sampling.py with the checkpoint's eager torch modules, both fed the same
-draws. Each side gets one warm-up call, then the median of --repeat calls is reported:
+draws. Each side gets one warm-up call, then the two are called alternately --repeat times
+(so both see the same machine load) and the medians are reported:
     ms/step   = call time / (T_x + T_y)
     samples/s = B / call time
 The torch threads and the onnxruntime intra-op threads are both set to --threads, so the
@@ -22,15 +23,21 @@ import click
 from runtimes.errors import LddmError
 
 
-def median_seconds(fn, repeat: int) -> float:
-    """One warm-up call of fn(), then the median wall time of `repeat` calls (seconds)."""
-    fn()
-    times = []
+def paired_median_seconds(fn_a, fn_b, repeat: int) -> tuple[float, float]:
+    """Median wall times (seconds) of fn_a() and fn_b() over `repeat` alternating calls each.
+
+    One warm-up call of each first. Alternating the two puts both under the same load, which
+    matters on a shared machine.
+    """
+    fn_a()
+    fn_b()
+    times_a, times_b = [], []
     for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn, times in ((fn_a, times_a), (fn_b, times_b)):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return statistics.median(times_a), statistics.median(times_b)
 
 
 def parse_batches(text: str) -> list[int]:
@@ -100,7 +107,7 @@ def bench_bundle(bundle, backend: str, precision: str, device: str, batches: lis
             reference(draws)
             sync()
 
-        t_runtime, t_reference = median_seconds(run_runtime, repeat), median_seconds(run_reference, repeat)
+        t_runtime, t_reference = paired_median_seconds(run_runtime, run_reference, repeat)
         rows.append({"variant": variant, "backend": backend, "precision": precision, "device": device,
                      "batch": batch, "steps": n_steps,
                      "runtime_ms_per_step": 1e3 * t_runtime / n_steps, "runtime_samples_per_s": batch / t_runtime,

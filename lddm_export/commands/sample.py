@@ -78,8 +78,9 @@ def write_atomic(out: Path, tokens: np.ndarray, texts: list[str | None]) -> None
 @click.option("--float32-draws", is_flag=True, help="categorical draws in float32 instead of float64")
 @click.option("--cache", is_flag=True, help="mdlm: reuse log_probs when the tokens did not change")
 @click.option("--cuda-graph/--no-cuda-graph", default=None, help="torch/trt on CUDA: replay CUDA graphs")
+@click.option("--threads", type=int, default=None, help="ort on the CPU: intra-op threads per graph")
 def command(bundle_dir, backend, precision, device, steps, latent_steps, num, batch_size, seed, out, ckpt,
-            float32_draws, cache, cuda_graph):
+            float32_draws, cache, cuda_graph, threads):
     """Sample token ids (and text) from a bundle."""
     from tqdm import tqdm
 
@@ -89,7 +90,7 @@ def command(bundle_dir, backend, precision, device, steps, latent_steps, num, ba
     from runtimes.tokenizer import TextDecoder
 
     for name, value in (("--steps", steps), ("--num", num), ("--batch-size", batch_size),
-                        ("--latent-steps", latent_steps)):
+                        ("--latent-steps", latent_steps), ("--threads", threads)):
         check_positive(name, value)
     check_out(out)
     check_choice(backend, precision, device)
@@ -104,7 +105,7 @@ def command(bundle_dir, backend, precision, device, steps, latent_steps, num, ba
                             f"use --batch-size <= {max_batch} or rebuild with a larger --batch MIN,OPT,MAX")
     decoder = TextDecoder(bundle.manifest["tokenizer"])
     runners = make_runners(bundle, backend, precision, device, ckpt=ckpt,
-                           graphs=list(GRAPHS[bundle.variant]), cuda_graph=cuda_graph)
+                           graphs=list(GRAPHS[bundle.variant]), cuda_graph=cuda_graph, threads=threads)
     for runner in runners.values():
         runner.activate()
     sampler = Sampler.from_bundle(bundle, runners, float64_draws=not float32_draws, cache=cache)

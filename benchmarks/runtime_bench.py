@@ -1,0 +1,63 @@
+"""Runtime benchmark: ORT-CPU sampling loop vs the torch eager reference sampler, per example.
+
+    python benchmarks/runtime_bench.py --threads 1 --json runtime_bench.json
+
+For each examples/sawtooth-*.pt: build (or reuse) its bundle under --bundles with
+`lddm_export.build.build_bundle` (fp32 + fp16 ONNX, no engines), then time one sampling
+call at each batch size with `lddm_export.commands.bench.bench_bundle`: the runtime on
+onnxruntime's CPU provider vs training/sampling.py's sampler on the checkpoint's eager torch
+modules, same draws, same thread count. Prints the markdown table recorded in RESULTS.md.
+Target: the runtime >= 2x the reference's samples/s at B = 1 and 32.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lddm_export.build import build_bundle, parse_options  # noqa: E402
+from lddm_export.commands.bench import bench_bundle, format_table  # noqa: E402
+from lddm_export.manifest import sha256_file  # noqa: E402
+from runtimes.bundle import Bundle  # noqa: E402
+
+
+def example_bundle(ckpt: Path, bundles: Path) -> Bundle:
+    """The bundle of `ckpt` under `bundles`, rebuilt only when it was built from another checkpoint."""
+    out = bundles / ckpt.stem
+    manifest = out / "manifest.json"
+    if not (manifest.is_file() and json.loads(manifest.read_text())["checkpoint"]["sha256"] == sha256_file(ckpt)):
+        build_bundle(ckpt, out, parse_options("fp32,fp16", engines="off", force=True), log=lambda line: None)
+    return Bundle.open(out)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--examples", type=Path, default=ROOT / "examples")
+    parser.add_argument("--bundles", type=Path, default=ROOT / "bundles")
+    parser.add_argument("--batches", default="1,32")
+    parser.add_argument("--steps", type=int, default=16, help="token steps (seq: also latent steps)")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads for both sides")
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    examples = [p for p in sorted(args.examples.glob("sawtooth-*.pt")) if p.name.count(".") == 1]
+    if not examples:
+        sys.exit(f"runtime_bench: no examples/sawtooth-*.pt under {args.examples}; train them first (examples/README.md)")
+    batches = [int(b) for b in args.batches.split(",")]
+    rows = []
+    for ckpt in examples:
+        bundle = example_bundle(ckpt, args.bundles)
+        rows += bench_bundle(bundle, "ort", "fp32", "cpu", batches, args.steps, None, args.repeat, args.threads)
+        print(format_table(rows[-len(batches):]).splitlines()[-1], flush=True)
+    print(format_table(rows))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
