@@ -8,8 +8,9 @@ What it measures (each section is a key of gpu_check.json; a table is printed la
    heads; seq_len 128, vocab 8192 + mask; random weights) for each --variants entry, at
    B = 1 and 64: the runtime's per-step time with the torch backend eager and with CUDA
    graphs (one graph per batch size), the graph's own time per step (replays alone), and
-   the sampler overhead = (graphed step - graph replay) / graph replay. Targets: graphs
-   >= 5x faster than eager at B = 1; overhead <= 10%.
+   the sampler overhead = (graphed step - graph replay) / graph replay, and the graphed step
+   with float32 instead of float64 categorical draws. Targets: graphs >= 5x faster than
+   eager at B = 1; overhead <= 10%.
 2. parity: on the shipped tiny examples (examples/sawtooth-*.pt), the runtime sampler on
    CUDA (eager and graphs) vs the CPU reference sampler, same draws: token agreement.
 3. host_copies: the sampling loop on CUDA (graphs, B = 64) is run under
@@ -34,9 +35,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lddm_export.manifest import new_manifest, sha256_file  # noqa: E402
 from runtimes.backends.torch_runner import CheckpointModules, TorchRunner  # noqa: E402
-from runtimes.bundle import Bundle  # noqa: E402
+from runtimes.bundle import FORMAT, VERSION, Bundle, sha256_file  # noqa: E402
 from runtimes.noise import draw_noise  # noqa: E402
 from runtimes.samplers import GRAPHS, Sampler  # noqa: E402
 from runtimes.spec import graph_specs  # noqa: E402
@@ -55,16 +55,23 @@ def checkpoint_bundle(ckpt: Path, out: Path) -> Bundle:
     model, raw = load_checkpoint(ckpt)
     cfg = model.cfg
     specs = graph_specs(cfg.variant, cfg.seq_len, cfg.n_latent, cfg.latent_dim, cfg.total_vocab)
-    graphs = {name: {**spec.to_dict(), "onnx": {}} for name, spec in specs.items()}
-    manifest = new_manifest(raw["config"], raw["tokenizer"], ckpt, sha256_file(ckpt), graphs,
-                            {"min": 1, "opt": 8, "max": 64}, 18)
+    manifest = {
+        "format": FORMAT, "version": VERSION, "variant": cfg.variant, "config": cfg.to_dict(),
+        "shapes": {"L": cfg.seq_len, "P": cfg.n_latent, "D": cfg.latent_dim, "V": cfg.total_vocab,
+                   "mask_id": cfg.mask_id},
+        "schedule": {"mask": {"kind": cfg.mask_schedule, "eps": cfg.mask_eps},
+                     "latent": {"kind": cfg.latent_schedule, "eps": cfg.latent_eps}},
+        "graphs": {name: {**spec.to_dict(), "onnx": {}} for name, spec in specs.items()},
+        "batch_profile": {"min": 1, "opt": 8, "max": 64}, "opset": 18, "engines": [],
+        "tokenizer": raw["tokenizer"], "checkpoint": {"path": str(ckpt.resolve()), "sha256": sha256_file(ckpt)},
+        "files": {}, "tools": {"torch": torch.__version__}}
     out.mkdir(parents=True, exist_ok=True)
     (out / "manifest.json").write_text(json.dumps(manifest))
     return Bundle.open(out)
 
 
-def make_sampler(bundle: Bundle, device: str, cuda_graph: bool) -> Sampler:
-    modules = CheckpointModules(bundle)
+def make_sampler(bundle: Bundle, device: str, cuda_graph: bool, modules: CheckpointModules | None = None) -> Sampler:
+    modules = modules or CheckpointModules(bundle)
     runners = {g: TorchRunner(bundle, g, device, modules, use_cuda_graph=cuda_graph).activate()
                for g in GRAPHS[bundle.variant]}
     return Sampler.from_bundle(bundle, runners)
@@ -112,9 +119,10 @@ def speed(variant: str, cfg: dict, work: Path, device: str, batches: list[int], 
     ckpt = work / f"{variant}-speed.pt"
     save_checkpoint(ckpt, model, tokenizer=None, train={"note": "random weights for gpu_check"})
     bundle = checkpoint_bundle(ckpt, work / f"{variant}-speed")
-    modes = {"eager": make_sampler(bundle, device, False)}
+    modules = CheckpointModules(bundle)  # one copy of the weights for both modes
+    modes = {"eager": make_sampler(bundle, device, False, modules)}
     if device.startswith("cuda"):
-        modes["graphs"] = make_sampler(bundle, device, True)
+        modes["graphs"] = make_sampler(bundle, device, True, modules)
     latent = steps if variant == "seq" else None
     n_steps = steps + (latent or 0)
     rows = []
@@ -125,6 +133,9 @@ def speed(variant: str, cfg: dict, work: Path, device: str, batches: list[int], 
             row[f"{mode}_ms_per_step"] = 1e3 * timed(lambda: sampler.sample(noise, latent), device, repeat) / n_steps
             row[f"{mode}_graph_only_ms_per_step"] = 1e3 * graph_replay_seconds(sampler, noise, steps, device, repeat)
         best = "graphs" if "graphs" in modes else "eager"
+        fast_draws = Sampler.from_bundle(bundle, modes[best].runners, float64_draws=False)
+        row[f"{best}_float32_draws_ms_per_step"] = 1e3 * timed(lambda: fast_draws.sample(noise, latent),
+                                                                device, repeat) / n_steps
         row["speedup_graphs_vs_eager"] = row["eager_ms_per_step"] / row[f"{best}_ms_per_step"]
         graph_ms = row[f"{best}_graph_only_ms_per_step"]
         row["sampler_overhead"] = (row[f"{best}_ms_per_step"] - graph_ms) / graph_ms
@@ -178,29 +189,46 @@ def host_copies(variant: str, cfg: dict, work: Path, device: str, batch: int, st
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         sampler.sample(noise, latent)
         sync(device)
-    dtoh = [e.name for e in prof.events() if "DtoH" in e.name or "Device -> " in e.name]
+    dtoh = [e.name for e in prof.events() if "DtoH" in e.name or "Device -> Pageable" in e.name
+            or "Device -> Pinned" in e.name]
     return {"checked": True, "variant": variant, "batch": batch, "steps": steps,
             "sync_debug_error": sync_error, "dtoh_memcpy_events": len(dtoh), "dtoh_event_names": sorted(set(dtoh)),
             "ok": sync_error is None and not dtoh}
 
 
+ERRORS: list[str] = []
+
+
+def section(run, on_error):
+    """Run one section; on an exception record it and go on, so one failure loses no other result."""
+    try:
+        return run()
+    except Exception as e:  # a one-shot GPU session: keep every other section's numbers
+        import traceback
+        ERRORS.append(traceback.format_exc())
+        print(f"gpu_check: section failed: {type(e).__name__}: {e}", flush=True)
+        return on_error
+
+
 def markdown(report: dict) -> str:
     lines = [f"# gpu_check ({report['device_name']}, torch {report['torch']}, dry_run={report['dry_run']})", "",
              "| variant | params (M) | B | eager ms/step | graphs ms/step | graph replay ms/step | "
-             "graphs vs eager | sampler overhead |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "graphs vs eager | sampler overhead | float32 draws ms/step |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["speed"]:
         graphs = r.get("graphs_ms_per_step")
         replay = r.get("graphs_graph_only_ms_per_step", r["eager_graph_only_ms_per_step"])
         lines.append(f"| {r['variant']} | {r['params_M']} | {r['batch']} | {r['eager_ms_per_step']:.3f} | "
                      f"{'-' if graphs is None else f'{graphs:.3f}'} | {replay:.3f} | "
-                     f"{r['speedup_graphs_vs_eager']:.2f}x | {100 * r['sampler_overhead']:.1f}% |")
+                     f"{r['speedup_graphs_vs_eager']:.2f}x | {100 * r['sampler_overhead']:.1f}% | "
+                     f"{r.get('graphs_float32_draws_ms_per_step', r['eager_float32_draws_ms_per_step']):.3f} |")
     lines += ["", "| example | B | steps | token agreement (eager) | token agreement (graphs) |",
               "|---|---:|---:|---:|---:|"]
     for r in report["parity"]:
         lines.append(f"| {r['example']} | {r['batch']} | {r['steps']} | {r['eager_token_agreement']:.4f} | "
                      f"{r.get('graphs_token_agreement', float('nan')):.4f} |")
     hc = report["host_copies"]
-    lines += ["", f"host copies in the loop: {json.dumps(hc)}", "", f"targets: {json.dumps(report['targets'])}"]
+    lines += ["", f"host copies in the loop: {json.dumps(hc)}", "", f"targets: {json.dumps(report['targets'])}",
+              f"errors: {len(report['errors'])} (tracebacks in gpu_check.json)"]
     return "\n".join(lines)
 
 
@@ -213,6 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=16, help="token steps per sampling call")
     parser.add_argument("--repeat", type=int, default=3, help="timed calls per measurement (median)")
     args = parser.parse_args(argv)
+    ERRORS.clear()
     device = "cpu" if args.dry_run else "cuda"
     if not args.dry_run and not torch.cuda.is_available():
         sys.exit("gpu_check: torch sees no CUDA GPU; run it on a GPU machine or pass --dry-run")
@@ -227,17 +256,22 @@ def main(argv: list[str] | None = None) -> dict:
     examples = [p for p in examples if p.name.count(".") == 1]  # not the trainer's *.resume.pt
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        report = {"dry_run": args.dry_run, "torch": torch.__version__,
+        report = {"dry_run": args.dry_run, "torch": torch.__version__, "cuda": torch.version.cuda,
                   "device_name": torch.cuda.get_device_name() if device == "cuda" else "cpu",
                   "config": cfg, "targets": {"speedup_b1": TARGET_SPEEDUP_B1, "overhead": TARGET_OVERHEAD}}
-        report["speed"] = [row for v in variants for row in speed(v, cfg, work, device, batches, steps, args.repeat)]
-        report["parity"] = parity(examples[:1] if args.dry_run else examples, work, device, 4 if args.dry_run else 8,
-                                  4 if args.dry_run else 64)
-        report["host_copies"] = host_copies(variants[0], cfg, work, device, max(batches), steps)
+        report["speed"] = [row for v in variants
+                           for row in section(lambda: speed(v, cfg, work, device, batches, steps, args.repeat), [])]
+        report["parity"] = section(lambda: parity(examples[:1] if args.dry_run else examples, work, device,
+                                                  4 if args.dry_run else 8, 4 if args.dry_run else 64), [])
+        report["host_copies"] = section(lambda: host_copies(variants[0], cfg, work, device, max(batches), steps),
+                                        {"checked": True, "ok": False})
+        report["errors"] = ERRORS
     (out / "gpu_check.json").write_text(json.dumps(report, indent=2))
     table = markdown(report)
     (out / "gpu_check.md").write_text(table + "\n")
     print(table)
+    if report["errors"]:
+        sys.exit(f"gpu_check: {len(report['errors'])} section(s) failed (tracebacks in gpu_check.json)")
     if report["host_copies"]["checked"] and not report["host_copies"]["ok"]:
         sys.exit("gpu_check: the sampling loop synchronised or copied to the host (see host_copies above)")
     return report

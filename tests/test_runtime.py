@@ -316,7 +316,7 @@ def test_gpu_check_dry_run_writes_its_report(tmp_path):
         ("mdlm", 1), ("mdlm", 2), ("seq", 1), ("seq", 2)]
     assert all(r["eager_ms_per_step"] > 0 and r["speedup_graphs_vs_eager"] == 1.0 for r in report["speed"])
     assert all(r["eager_token_agreement"] == 1.0 for r in report["parity"])  # CPU vs CPU: exact
-    assert report["host_copies"]["checked"] is False
+    assert report["host_copies"]["checked"] is False and report["errors"] == []
     assert "| variant |" in (tmp_path / "gpu_check.md").read_text()
 
 
