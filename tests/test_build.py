@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -131,6 +134,26 @@ def test_failure_mid_build_leaves_the_previous_bundle(bundle, ckpt, monkeypatch,
         build.build_bundle(ckpt, bundle, build.parse_options(engines="off", force=True), log=lambda line: None)
     assert snapshot(bundle) == before
     assert leftovers(bundle.parent, bundle.name) == []
+
+
+def test_sigint_mid_build_leaves_the_previous_bundle(bundle, ckpt):
+    before = snapshot(bundle)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "lddm_export.cli", "build", "--ckpt", str(ckpt), "--out", str(bundle),
+         "--engines", "off", "--force"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=Path(__file__).resolve().parents[1], env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        while not leftovers(bundle.parent, bundle.name):  # the temporary bundle exists: export has begun
+            assert process.poll() is None and time.monotonic() < deadline, "the build ended before its export stage"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 130, err
+    assert "interrupted; nothing was left half-written" in err
+    assert snapshot(bundle) == before and leftovers(bundle.parent, bundle.name) == []
 
 
 def test_force_rebuilds_and_replaces(workdir, ckpt):
