@@ -157,6 +157,13 @@ class Sampler:
             raise LddmError(f"seq sampling needs latent_steps >= 1, got {latent_steps}")
         if self.variant != "mdlm" and noise.y_init is None:
             raise LddmError(f"{self.variant} sampling needs noise with y_init; draw it with latent_shape=(P, D)")
+        L, P, D = self.shapes["L"], self.shapes["P"], self.shapes["D"]
+        if noise.token_steps < 1 or tuple(noise.u.shape[1:]) != (noise.batch, L):
+            raise LddmError(f"noise u must have shape [T_x >= 1, B, L = {L}], got {list(noise.u.shape)}; "
+                            f"draw it with draw_noise(seed, B, T_x, {L}, ...)")
+        if noise.y_init is not None and self.variant != "mdlm" and tuple(noise.y_init.shape) != (noise.batch, P, D):
+            raise LddmError(f"noise y_init must have shape [B, P, D] = {[noise.batch, P, D]}, "
+                            f"got {list(noise.y_init.shape)}")
         noise = noise.to(self.device)
         if self.variant == "mdlm":
             return self._mdlm(noise)

@@ -233,6 +233,10 @@ def test_seq_without_latent_steps_and_noise_without_latent_are_refused(bundle_ca
         sampler.steps(noise_for(seq, 0), None)
     with pytest.raises(LddmError, match="y_init"):
         sampler.steps(draw_noise(0, 2, 3, seq.shapes["L"]), 3)
+    with pytest.raises(LddmError, match="noise u must have shape"):
+        sampler.steps(draw_noise(0, 2, 3, seq.shapes["L"] + 1, (seq.shapes["P"], seq.shapes["D"])), 3)
+    with pytest.raises(LddmError, match="noise y_init must have shape"):
+        sampler.steps(draw_noise(0, 2, 3, seq.shapes["L"], (seq.shapes["P"] + 1, seq.shapes["D"])), 3)
     with pytest.raises(LddmError, match="mdlm sampler only"):
         Sampler.from_bundle(seq, sampler.runners, cache=True)
 
