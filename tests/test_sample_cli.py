@@ -131,3 +131,28 @@ def test_a_damaged_bundle_is_refused(capsys, tmp_path, seq_bundle):
     onnx_file.write_bytes(onnx_file.read_bytes()[:-10])
     message = refused(capsys, tmp_path / "x.npy", "--bundle", root, "--steps", 2, "--num", 2)
     assert "does not match its sha256" in message
+
+
+def test_bench_prints_a_table_and_writes_json(capsys, tmp_path, seq_bundle):
+    out = tmp_path / "bench.json"
+    main_args = ["bench", "--bundle", str(seq_bundle), "--batch", "1,2", "--steps", "2", "--repeat", "1",
+                 "--threads", "1", "--json", str(out)]
+    main(main_args)
+    table = capsys.readouterr().out
+    rows = json.loads(out.read_text())
+    assert [r["batch"] for r in rows] == [1, 2] and all(r["steps"] == 4 for r in rows)  # seq: 2 latent + 2 token
+    assert all(r["runtime_ms_per_step"] > 0 and r["reference_ms_per_step"] > 0 for r in rows)
+    assert table.count("| seq | ort-cpu | fp32 |") == 2
+
+
+@pytest.mark.parametrize("args,match", [
+    (("--batch", "1,x"), "--batch '1,x' must be positive integers"),
+    (("--batch", "128"), "--batch 128 is above the bundle's batch profile maximum 64"),
+    (("--steps", "0"), "--steps must be a positive integer, got 0"),
+    (("--backend", "onnx"), "backend 'onnx' is unknown"),
+])
+def test_bench_refuses_bad_arguments(capsys, seq_bundle, args, match):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--bundle", str(seq_bundle), "--repeat", "1", *args])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and match in err and "Traceback" not in err
