@@ -5,7 +5,8 @@
 
 What it measures (each section is a key of gpu_check.json; a table is printed last):
 1. speed: a ~100M-parameter config (training.config PRESETS["base"]: width 768, 12 blocks, 12
-   heads; seq_len 128, vocab 8192 + mask; random weights) for each --variants entry, at
+   heads; seq_len 128, vocab 8192 + mask, 16 latent slots of 32; random weights; the MDLM
+   denoiser has 105M parameters, FUJI's two-stream MM-DiT 197M) for each --variants entry, at
    B = 1 and 64: the runtime's per-step time with the torch backend eager and with CUDA
    graphs (one graph per batch size), the graph's own time per step (replays alone), and
    the sampler overhead = (graphed step - graph replay) / graph replay, and the graphed step
@@ -115,7 +116,8 @@ def graph_replay_seconds(sampler: Sampler, noise, steps: int, device: str, repea
 def speed(variant: str, cfg: dict, work: Path, device: str, batches: list[int], steps: int, repeat: int) -> list[dict]:
     torch.manual_seed(0)
     model = LDDM(ModelConfig(variant=variant, **cfg))
-    params = sum(p.numel() for p in model.parameters())
+    # The parameters the sampling loop runs (fuji's MM-DiT has two streams of weights: ~2x mdlm's).
+    params = sum(p.numel() for g in GRAPHS[variant] for p in getattr(model, g).parameters())
     ckpt = work / f"{variant}-speed.pt"
     save_checkpoint(ckpt, model, tokenizer=None, train={"note": "random weights for gpu_check"})
     bundle = checkpoint_bundle(ckpt, work / f"{variant}-speed")
