@@ -20,7 +20,7 @@ from runtimes.backends import make_runners
 from runtimes.bundle import Bundle
 from runtimes.errors import BackendUnavailable, BundleError, LddmError, ShapeMismatch
 from runtimes.noise import draw_noise
-from runtimes.samplers import Sampler, sample_batches
+from runtimes.samplers import Sampler, ddim_step, sample_batches, token_step
 from runtimes.schedules import LatentSchedule, MaskSchedule
 from runtimes.tokenizer import TextDecoder
 from training import sampling
@@ -103,6 +103,38 @@ def test_unknown_schedule_kind_is_refused():
         MaskSchedule("cubic", 0.0)
     with pytest.raises(BundleError, match="expected one of"):
         LatentSchedule("linear", 0.0)
+
+
+@pytest.mark.parametrize("float64", [True, False])
+def test_token_step_draws_the_bridge_distribution(float64):
+    """All-masked tokens: P(unmask) = (alpha_s - alpha_t) / (1 - alpha_t), then v ~ p(v); 4 sigma."""
+    n, probs = 200_000, torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])  # the last column is the mask
+    log_probs = probs.clamp_min(1e-30).log().expand(1, n, 5).clone()
+    log_probs[..., 4] = -1e4
+    x_t = torch.full((1, n), 4)
+    u = torch.from_numpy(np.random.default_rng(0).random((1, n)))
+    x_s = token_step(x_t, log_probs, u, 0.2, 0.6, mask_id=4, float64=float64)
+    unmasked = x_s != 4
+    p_unmask = (0.6 - 0.2) / (1 - 0.2)
+    assert abs(unmasked.double().mean().item() - p_unmask) < 4 * (p_unmask * (1 - p_unmask) / n) ** 0.5
+    counts = torch.bincount(x_s[unmasked], minlength=5)[:4].double()
+    expected = probs[:4].double() * unmasked.sum()
+    assert ((counts - expected).abs() <= 4 * expected.clamp_min(1).sqrt() + 1).all()
+    last = token_step(x_t, log_probs, u, 0.6, 1.0, mask_id=4, float64=float64)  # s = 0: alpha_s = 1
+    assert (last != 4).all()
+
+
+def test_token_step_carries_unmasked_tokens_and_ddim_is_exact_at_the_data():
+    g = torch.Generator().manual_seed(0)
+    log_probs = torch.log_softmax(torch.randn(3, 10, 6, generator=g), -1)
+    x_t = torch.randint(0, 6, (3, 10), generator=g)  # id 5 is the mask
+    x_s = token_step(x_t, log_probs, torch.rand(3, 10, generator=g, dtype=torch.float64), 0.3, 0.5, 5)
+    assert torch.equal(x_s[x_t != 5], x_t[x_t != 5])
+    y0 = torch.randn(2, 3, 4, generator=g)
+    eps = torch.randn(2, 3, 4, generator=g)
+    a_t, s_t, a_s, s_s = 0.6, 0.8, 0.8, 0.6
+    y_s = ddim_step(a_t * y0 + s_t * eps, y0, (a_t, s_t), (a_s, s_s))  # a perfect y0_hat
+    torch.testing.assert_close(y_s, a_s * y0 + s_s * eps)
 
 
 # ----------------------------------------------------------------------------- parity
