@@ -111,10 +111,14 @@ def build_tiny_bundle(out: Path, ckpt: Path) -> Path:
 
 
 def cached_tiny_bundle(cache_dir: Path, variant: str, seed: int = 0, text: bool = False) -> Path:
-    """A tiny bundle of `variant` (checkpoint inside it as model.pt), built once per model source."""
+    """A tiny bundle of `variant` (checkpoint inside it as model.pt), built once per model source.
+
+    Bundles of older sources (other keys) are removed when a new one is built.
+    """
     key = hashlib.sha256(f"{variant}-{seed}-{text}-{sorted(TINY.items())}-{OPSET}".encode()
                          + MODEL_SOURCE.read_bytes() + Path(__file__).read_bytes()).hexdigest()[:16]
-    root = Path(cache_dir) / f"{variant}-{key}"
+    prefix = f"{variant}{'-text' if text else ''}-seed{seed}-"
+    root = Path(cache_dir) / f"{prefix}{key}"
     if not (root / "manifest.json").is_file():
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".{variant}-"))
@@ -125,6 +129,9 @@ def cached_tiny_bundle(cache_dir: Path, variant: str, seed: int = 0, text: bool 
             tmp.rename(root)
         except OSError:  # another process finished the same bundle first
             shutil.rmtree(tmp, ignore_errors=True)
+        for stale in Path(cache_dir).glob(f"{prefix}*"):
+            if stale != root:
+                shutil.rmtree(stale, ignore_errors=True)
     return root
 
 
@@ -168,4 +175,7 @@ def built_example_bundle(cache_dir: Path, ckpt: Path) -> Path:
     out = Path(cache_dir) / f"{ckpt.stem}-{digest.hexdigest()[:16]}"
     if not (out / "manifest.json").is_file():
         build_bundle(ckpt, out, parse_options("fp32,fp16", engines="off", force=True), log=lambda line: None)
+        for stale in Path(cache_dir).glob(f"{ckpt.stem}-*"):
+            if stale != out and stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
     return out
