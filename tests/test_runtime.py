@@ -373,3 +373,19 @@ def test_cuda_sampling_loop_never_synchronises(bundle, cuda_graph):
         torch.cuda.set_sync_debug_mode("default")
     cpu = active_sampler(bundle, "torch").sample(noise_for(bundle, 0), latent_steps(bundle))
     assert (result.tokens.cpu() == cpu.tokens).double().mean().item() >= 0.99
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["ort", "ort-trt"])
+def test_ort_on_cuda_keeps_outputs_on_the_device_and_agrees(bundle, backend):
+    import onnxruntime
+    provider = {"ort": "CUDAExecutionProvider", "ort-trt": "TensorrtExecutionProvider"}[backend]
+    if provider not in onnxruntime.get_available_providers():
+        pytest.skip(f"onnxruntime here lacks {provider} (install onnxruntime-gpu)")
+    runners = make_runners(bundle, backend, "fp32", "cuda")
+    for runner in runners.values():
+        runner.activate()
+    result = Sampler.from_bundle(bundle, runners).sample(noise_for(bundle, 0), latent_steps(bundle))
+    assert result.tokens.device.type == "cuda"
+    cpu = active_sampler(bundle, "ort").sample(noise_for(bundle, 0), latent_steps(bundle))
+    assert (result.tokens.cpu() == cpu.tokens).double().mean().item() >= TOKEN_AGREEMENT
