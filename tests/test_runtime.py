@@ -388,4 +388,4 @@ def test_ort_on_cuda_keeps_outputs_on_the_device_and_agrees(bundle, backend):
     result = Sampler.from_bundle(bundle, runners).sample(noise_for(bundle, 0), latent_steps(bundle))
     assert result.tokens.device.type == "cuda"
     cpu = active_sampler(bundle, "ort").sample(noise_for(bundle, 0), latent_steps(bundle))
-    assert (result.tokens.cpu() == cpu.tokens).double().mean().item() >= TOKEN_AGREEMENT
+    assert (result.tokens.cpu() == cpu.tokens).double().mean().item() >= 0.99  # 256 tokens: <= 2 differ
