@@ -32,6 +32,7 @@ PRECISIONS = ("fp32", "fp16")
 ENGINE_MODES = ("auto", "on", "off")
 MIN_OPSET = 17            # LayerNormalization entered the default ONNX domain in opset 17
 DEFAULT_OPSET = 18
+DEFAULT_BATCH = "1,8,64"
 DEFAULT_PROFILE = {"min": 1, "opt": 8, "max": 64}
 
 Log = Callable[[str], None]
@@ -99,7 +100,7 @@ def check_opset(opset: int) -> int:
     return opset
 
 
-def parse_options(precision: str = "fp32,fp16", engines: str = "auto", batch: str = "1,8,64",
+def parse_options(precision: str = "fp32,fp16", engines: str = "auto", batch: str = DEFAULT_BATCH,
                   opset: int = DEFAULT_OPSET, workspace_mb: int | None = None,
                   force: bool = False) -> BuildOptions:
     """BuildOptions from the CLI's strings, every one checked (raises LddmError)."""
@@ -224,7 +225,7 @@ def export_bundle_graphs(model, bundle_dir: Path, options: BuildOptions, log: Lo
     Returns:
         the manifest's "graphs" table: name -> {"inputs", "outputs", "onnx": {precision: path}}.
     """
-    from lddm_export.export import EXPORTER, export_graph, save_onnx, set_metadata
+    from lddm_export.export import EXPORTER, export_graph, set_metadata
     from lddm_export.fp16 import to_mixed_fp16_with_report
     from runtimes.spec import graph_specs
     from training.model import graph_modules
@@ -241,7 +242,7 @@ def export_bundle_graphs(model, bundle_dir: Path, options: BuildOptions, log: Lo
         set_metadata(fp32, {**common, "lddm.precision": "fp32"})
         files = {}
         if "fp32" in options.precisions:
-            files["fp32"] = _save(save_onnx, fp32, bundle_dir, name, "fp32", started, log)
+            files["fp32"] = _save(fp32, bundle_dir, name, "fp32", started, log)
         if "fp16" in options.precisions:
             started = time.perf_counter()
             fp16, report = to_mixed_fp16_with_report(fp32, options.keep_fp32_nodes)
@@ -249,14 +250,16 @@ def export_bundle_graphs(model, bundle_dir: Path, options: BuildOptions, log: Lo
                                 "lddm.keep_fp32_nodes": list(options.keep_fp32_nodes)})
             if report.out_of_range:
                 log(f"[export] {name}: constants outside the FP16 range kept in FP32: {report.out_of_range}")
-            files["fp16"] = _save(save_onnx, fp16, bundle_dir, name, "fp16", started, log,
+            files["fp16"] = _save(fp16, bundle_dir, name, "fp16", started, log,
                                   f", {len(report.fp32_nodes)} FP32 / {len(report.fp16_nodes)} FP16 nodes")
         graphs[name] = {**spec.to_dict(), "onnx": files}
     return graphs
 
 
-def _save(save_onnx, model, bundle_dir: Path, graph: str, precision: str, started: float, log: Log,
-          detail: str = "") -> str:
+def _save(model, bundle_dir: Path, graph: str, precision: str, started: float, log: Log, detail: str = "") -> str:
+    """Write onnx/<graph>.<precision>.onnx, log its size and time; returns its relative path."""
+    from lddm_export.export import save_onnx
+
     rel = f"onnx/{graph}.{precision}.onnx"
     written = save_onnx(model, bundle_dir / rel)
     size = sum(p.stat().st_size for p in written)
@@ -311,20 +314,21 @@ def _mismatch(old: dict | None, out: Path, ckpt_sha: str, options: BuildOptions)
 
 
 def _engines_wanted(mode: str, log: Log) -> bool:
-    """--engines on: always (the engines module raises BackendUnavailable where it cannot);
-    auto: only where tensorrt imports and a CUDA GPU answers."""
+    """Whether to build engines: --engines on requires tensorrt and a GPU (BackendUnavailable
+    before any export work otherwise); auto builds them only where both are present."""
     if mode == "off":
         return False
-    if mode == "on":
-        return True
-    from lddm_export.engines import tensorrt_available
+    from lddm_export.engines import ENGINES_OFF, tensorrt_available
+    from runtimes.cuda_util import gpu_identity, import_tensorrt
+    from runtimes.errors import BackendUnavailable
 
+    if mode == "on":
+        import_tensorrt(ENGINES_OFF)
+        gpu_identity()
+        return True
     if not tensorrt_available():
         log("[engines] skipped: tensorrt is not installed (--engines auto)")
         return False
-    from runtimes.cuda_util import gpu_identity
-    from runtimes.errors import BackendUnavailable
-
     try:
         gpu_identity()
     except BackendUnavailable as e:

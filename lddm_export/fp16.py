@@ -210,6 +210,8 @@ def to_mixed_fp16_with_report(model: onnx.ModelProto, keep_fp32_nodes=()) -> tup
                         f"export graphs without If/Loop/Scan, as DESIGN.md requires")
     out = onnx.ModelProto()
     out.CopyFrom(model)
+    for i, node in enumerate(out.graph.node):  # the pass keys its decisions by node name
+        node.name = node.name or f"{node.op_type}_{i}"
     graph = _Graph(out)
     report = MixedPrecisionReport()
     fp32 = _choose_fp32_nodes(out, graph, keep, report)
@@ -267,8 +269,13 @@ def to_mixed_fp16_with_report(model: onnx.ModelProto, keep_fp32_nodes=()) -> tup
     del out.graph.node[:]
     out.graph.node.extend(nodes)
     del out.graph.value_info[:]
-    out = onnx.shape_inference.infer_shapes(out, strict_mode=True)
-    onnx.checker.check_model(out)
+    try:
+        out = onnx.shape_inference.infer_shapes(out, strict_mode=True)
+        onnx.checker.check_model(out)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise LddmError(f"the FP16 pass produced an invalid graph for {model.graph.name!r} "
+                        f"({str(e).strip().splitlines()[0][:200]}); this is a bug in lddm_export.fp16, "
+                        f"please report it; --precision fp32 avoids it") from None
     return out, report
 
 

@@ -14,13 +14,14 @@ from pathlib import Path
 
 import click
 
-from lddm_export.build import (DEFAULT_OPSET, ENGINE_MODES, PRECISIONS, build_bundle, build_engines_for_bundle,
-                               bundle_precisions, parse_options)
+from lddm_export.build import (DEFAULT_BATCH, DEFAULT_OPSET, ENGINE_MODES, PRECISIONS, build_bundle,
+                               build_engines_for_bundle, bundle_precisions, parse_options)
 from lddm_export.manifest import read_manifest
 from runtimes.errors import LddmError
 
 
-@click.command(help=__doc__.split("\n\n")[0])
+@click.command(help="Export a checkpoint to a bundle (ONNX FP32 + mixed FP16, TensorRT engines, manifest), "
+                    "or add TensorRT engines to an existing bundle with --bundle DIR --engines on.")
 @click.option("--ckpt", type=click.Path(path_type=Path), help="the checkpoint (model.pt) to export")
 @click.option("--bundle", type=click.Path(path_type=Path),
               help="an existing bundle to add TensorRT engines to (with --engines on)")
@@ -29,12 +30,14 @@ from runtimes.errors import LddmError
               help="ONNX graphs (and engines) to build [default: fp32,fp16; with --bundle, what it has]")
 @click.option("--engines", type=click.Choice(ENGINE_MODES), default="auto", show_default=True,
               help="TensorRT engines: auto builds them where tensorrt and a GPU are present")
-@click.option("--batch", default="1,8,64", show_default=True, help="TensorRT batch profile MIN,OPT,MAX")
+@click.option("--batch", default=None,
+              help="TensorRT batch profile MIN,OPT,MAX [default: 1,8,64; with --bundle, the bundle's]")
 @click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True, help="ONNX opset (>= 17)")
 @click.option("--force", is_flag=True, help="replace an existing --out and rebuild every stage")
 @click.option("--workspace-mb", type=int, default=None, help="cap on TensorRT's builder workspace (MiB)")
 def command(ckpt, bundle, out, precision, engines, batch, opset, force, workspace_mb):
-    options = parse_options(precision or ",".join(PRECISIONS), engines, batch, opset, workspace_mb, force)
+    options = parse_options(precision or ",".join(PRECISIONS), engines, batch or DEFAULT_BATCH, opset,
+                            workspace_mb, force)
     if (ckpt is None) == (bundle is None):
         raise LddmError("pass exactly one of --ckpt model.pt (export a bundle) or --bundle DIR "
                         "(add TensorRT engines to an existing bundle)")
@@ -42,8 +45,11 @@ def command(ckpt, bundle, out, precision, engines, batch, opset, force, workspac
         if out is not None or engines == "off":
             raise LddmError("--bundle DIR only adds TensorRT engines to DIR in place; "
                             "pass --engines on and no --out")
+        manifest = read_manifest(bundle)
         if precision is None:
-            options = dataclasses.replace(options, precisions=bundle_precisions(read_manifest(bundle)))
+            options = dataclasses.replace(options, precisions=bundle_precisions(manifest))
+        if batch is None:
+            options = dataclasses.replace(options, profile=dict(manifest["batch_profile"]))
         build_engines_for_bundle(bundle, options, log=click.echo)
     else:
         build_bundle(ckpt, out, options, log=click.echo)
