@@ -1,11 +1,14 @@
 """Build time and artifact sizes of `lddm-export build` (ONNX FP32 + FP16, no engines).
 
-    python benchmarks/build_bench.py [CKPT ...] [--repeat N]
+    python benchmarks/build_bench.py [CKPT ...] [--repeat N] [--parity]
 
 Default checkpoints: examples/sawtooth-{mdlm,fuji,seq}.pt. Each build runs as a user runs it,
 `lddm-export build --ckpt CKPT --out DIR --engines off --force` in a fresh process (interpreter
 start and imports included), into a temporary directory; the best of --repeat runs is kept.
 Prints a Markdown table: wall time, and the bytes of every ONNX file and of the whole bundle.
+With --parity, also the worst per-graph error of each bundle's ONNX graphs (ONNX Runtime CPU)
+against the checkpoint's PyTorch modules over batch 1, 3, 8 x t in {0.001, 0.5, 0.999}, in the
+metrics of runtimes/tolerances.py.
 """
 from __future__ import annotations
 
@@ -42,11 +45,54 @@ def sizes(bundle: Path) -> dict:
             **{f"{p}_mb": b / 1e6 for p, b in per_precision.items()}, "bundle_mb": total / 1e6}
 
 
+def graph_parity(ckpt: Path, bundle: Path) -> list[str]:
+    """Markdown rows: variant / graph / output, FP32 max rel, FP16 rel L2 and KL (worst case)."""
+    import onnxruntime as ort
+    import torch
+
+    from lddm_export.export import sample_inputs
+    from runtimes.bundle import Bundle
+    from runtimes.compare import measure
+    from runtimes.tolerances import graph_tolerances
+    from training.checkpoint import load_checkpoint
+    from training.model import graph_modules
+
+    b, (model, _) = Bundle.open(bundle), load_checkpoint(ckpt)
+    modules, rows = graph_modules(model), []
+    for graph in b.graph_names:
+        spec, worst = b.spec(graph), {}
+        sessions = {p: ort.InferenceSession(str(b.onnx_path(graph, p)), providers=["CPUExecutionProvider"])
+                    for p in ("fp32", "fp16")}
+        generator = torch.Generator().manual_seed(1)
+        for batch in (1, 3, 8):
+            for t in (0.001, 0.5, 0.999):
+                args = list(sample_inputs(spec, batch, b.shapes["V"], generator))
+                if "t" in spec.input_names:
+                    args[spec.input_names.index("t")] = torch.full((batch,), t)
+                with torch.no_grad():
+                    ref = modules[graph](*args)
+                ref = dict(zip(spec.output_names, ref if isinstance(ref, tuple) else (ref,)))
+                feed = {s.name: a.numpy() for s, a in zip(spec.inputs, args)}
+                for precision, sess in sessions.items():
+                    tolerances = graph_tolerances(precision, spec.output_names)
+                    for name, got in zip(spec.output_names, sess.run(None, feed)):
+                        r = measure(got, ref[name], tolerances[name])
+                        key = (name, precision)
+                        worst[key] = [max(a, b) for a, b in zip(worst.get(key, [0, 0, 0]), (r.max_rel, r.rel_l2, r.kl or 0))]
+        for name in spec.output_names:
+            fp16 = worst[name, "fp16"]
+            kl = f"{fp16[2]:.1e}" if name == "log_probs" else "-"
+            rows.append(f"| {b.variant} / {graph} / {name} | {worst[name, 'fp32'][0]:.1e} | {fp16[1]:.1e} | {kl} |")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("ckpts", nargs="*", type=Path, default=DEFAULT)
     parser.add_argument("--repeat", type=int, default=1, help="builds per checkpoint; the fastest is reported")
+    parser.add_argument("--parity", action="store_true", help="also measure per-graph parity (fp32 and fp16)")
     args = parser.parse_args(argv)
+    parity = []
     print(f"# {platform.processor() or platform.machine()}, Python {platform.python_version()}")
     print("| checkpoint | variant | graphs | build (s) | FP32 ONNX (MB) | FP16 ONNX (MB) | bundle (MB) |")
     print("|---|---|---|---|---|---|---|")
@@ -57,6 +103,12 @@ def main(argv: list[str] | None = None) -> None:
             s = sizes(out)
             print(f"| {ckpt.name} | {s['variant']} | {s['graphs']} | {seconds:.1f} | {s.get('fp32_mb', 0):.2f} "
                   f"| {s.get('fp16_mb', 0):.2f} | {s['bundle_mb']:.2f} |", flush=True)
+            if args.parity:
+                parity += graph_parity(ckpt, out)
+    if parity:
+        print("\n| variant / graph / output | FP32 max rel | FP16 rel L2 | FP16 KL of softmax |")
+        print("|---|---|---|---|")
+        print("\n".join(parity))
 
 
 if __name__ == "__main__":
