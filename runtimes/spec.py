@@ -2,7 +2,7 @@
 
 One table drives the ONNX export (input/output names, dynamic axes), the TensorRT optimisation
 profiles and the runners' input checks. The dimension "B" is the only dynamic axis; L, P, D, V
-are fixed per checkpoint. The tolerances of every parity level also live here, in one place.
+are fixed per checkpoint. The tolerances of every parity level live in runtimes/tolerances.py.
 """
 from __future__ import annotations
 

@@ -254,6 +254,21 @@ def test_engines_for_a_bundle_refuse_changed_files(workdir, ckpt):
         build.build_engines_for_bundle(out, build.parse_options(engines="on", precision="fp16"))
 
 
+@pytest.mark.trt
+@pytest.mark.gpu
+def test_engines_are_built_hashed_and_listed(workdir, ckpt):
+    out = workdir / "with-engines"
+    result = CliRunner().invoke(cli, ["build", "--ckpt", str(ckpt), "--out", str(out), "--engines", "on",
+                                      "--precision", "fp16", "--batch", "1,2,4"])
+    assert result.exit_code == 0, result.output
+    m = Bundle.open(out).manifest  # hashes of the engine files included
+    (engine,) = m["engines"]
+    assert engine["graph"] == "denoiser" and engine["precision"] == "fp16"
+    assert engine["onnx_sha256"] == m["files"]["onnx/denoiser.fp16.onnx"] and engine["file"] in m["files"]
+    assert engine["profile"] == {"min": 1, "opt": 2, "max": 4} and m["tools"]["tensorrt"] == engine["trt_version"]
+    assert engine["file"] in CliRunner().invoke(cli, ["inspect", str(out)]).output
+
+
 # ----------------------------------------------------------------------------- inspect, doctor
 
 def test_inspect_shows_the_manifest(bundle):
@@ -275,9 +290,11 @@ def test_doctor_reports_versions_and_capabilities():
     assert result.exit_code == 0, result.output
     assert f"torch          {torch.__version__}" in result.output
     assert "CPUExecutionProvider" in result.output and "JetPack (L4T)" in result.output
-    assert "export bundles (lddm-export build --ckpt)         yes" in result.output
-    expected = "build TensorRT engines (--engines on)" + ("" if HAS_TENSORRT else " " * 13 + "no")
-    assert expected in result.output
+    rows = {line.split("  ")[0]: line.split()[-1] for line in result.output.splitlines() if "  " in line}
+    assert rows["export bundles (lddm-export build --ckpt)"] == "yes"
+    if not HAS_TENSORRT:
+        assert "build TensorRT engines (--engines on)  " in result.output
+        assert result.output.count("no: needs tensorrt and a CUDA GPU") == 1
 
 
 def test_jetpack_release_line(tmp_path):
