@@ -136,10 +136,14 @@ def build_bundle(ckpt: str | Path, out: str | Path | None = None, options: Build
         LddmError: export, FP16 pass or engine failures (BackendUnavailable, EngineBuildError).
     """
     from training.checkpoint import load_checkpoint
+    from training.model import GRAPHS_BY_VARIANT
 
     ckpt, out = Path(ckpt), Path(out) if out is not None else default_out_dir(Path(ckpt))
     started = time.perf_counter()
     model, raw = load_checkpoint(ckpt)
+    if model.cfg.variant not in GRAPHS_BY_VARIANT:
+        raise LddmError(f"checkpoint {ckpt} holds a model of variant {model.cfg.variant!r}, which has no sampling graphs; "
+                        f"bundles are built from {', '.join(GRAPHS_BY_VARIANT)} checkpoints")
     ckpt_sha = manifests.sha256_file(ckpt)
     log(f"[checkpoint] {ckpt}: {model.cfg.variant}, L={model.cfg.seq_len}, V={model.cfg.total_vocab}, "
         f"sha256 {ckpt_sha[:12]}")

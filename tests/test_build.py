@@ -220,6 +220,25 @@ def test_existing_out_without_force_is_refused(tmp_path, ckpt, capsys):
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"] and leftovers(tmp_path, "out") == []
 
 
+def test_out_that_is_a_file_is_refused(tmp_path, ckpt, capsys):
+    (tmp_path / "out").write_text("mine")
+    code, output = run_main(["build", "--ckpt", str(ckpt), "--out", str(tmp_path / "out"), "--engines", "off"], capsys)
+    assert code == 1 and "exists and is not a directory; choose another --out" in output
+    assert (tmp_path / "out").read_text() == "mine" and leftovers(tmp_path, "out") == []
+
+
+def test_a_checkpoint_without_sampling_graphs_is_refused(tmp_path, capsys):
+    from training.checkpoint import save_checkpoint
+    from training.config import ModelConfig
+    from training.model import LDDM
+
+    ar = tmp_path / "ar.pt"
+    save_checkpoint(ar, LDDM(ModelConfig(variant="ar", seq_len=16, width=32, heads=2, depth=1)), None, {})
+    code, output = run_main(["build", "--ckpt", str(ar), "--out", str(tmp_path / "out"), "--engines", "off"], capsys)
+    assert code == 1 and "holds a model of variant 'ar', which has no sampling graphs" in output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ar.pt"]
+
+
 @pytest.mark.skipif(HAS_TENSORRT, reason="checks the refusal where tensorrt is absent")
 def test_engines_on_without_tensorrt_is_refused(tmp_path, ckpt, capsys):
     code, output = run_main(["build", "--ckpt", str(ckpt), "--out", str(tmp_path / "out"), "--engines", "on",
