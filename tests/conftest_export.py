@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
@@ -98,7 +97,3 @@ def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
     types = {v.name: v.type.tensor_type.elem_type for v in [*g.input, *g.output, *g.value_info]}
     types.update({t.name: t.data_type for t in g.initializer})
     return types
-
-
-def all_finite(arrays) -> bool:
-    return all(np.isfinite(a).all() for a in arrays)

@@ -107,8 +107,7 @@ def _tiny_graph(nodes, inputs, outputs, initializers=()) -> onnx.ModelProto:
 
 
 def _run(model, feed):
-    import onnxruntime as ort
-    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    return session(model).run(None, feed)[0]
 
 
 def test_time_embedding_arguments_stay_fp32():
