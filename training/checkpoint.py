@@ -39,6 +39,9 @@ def save_checkpoint(path: str | Path, model: LDDM, tokenizer: dict | None, train
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a checkpoint is an ordinary file
     try:
         torch.save(ckpt, tmp)
         os.replace(tmp, path)
