@@ -151,7 +151,10 @@ def test_sigint_mid_build_leaves_the_previous_bundle(bundle, ckpt):
         _, err = process.communicate(timeout=120)
     finally:
         process.kill()
-    assert process.returncode == 130, err
+    # 130, or killed by SIGINT (which a shell also reports as 130): CPython re-raises SIGINT at
+    # exit when the interrupt surfaced inside a PyRun_* call made by a C extension, even if
+    # lddm-export caught it and exited with 130 itself.
+    assert process.returncode in (130, -signal.SIGINT), err
     assert "interrupted; nothing was left half-written" in err
     assert snapshot(bundle) == before and leftovers(bundle.parent, bundle.name) == []
 
