@@ -142,6 +142,7 @@ def test_bench_prints_a_table_and_writes_json(capsys, tmp_path, seq_bundle):
     rows = json.loads(out.read_text())
     assert [r["batch"] for r in rows] == [1, 2] and all(r["steps"] == 4 for r in rows)  # seq: 2 latent + 2 token
     assert all(r["runtime_ms_per_step"] > 0 and r["reference_ms_per_step"] > 0 for r in rows)
+    assert all(r["sampler_overhead"] > -1 for r in rows)
     assert table.count("| seq | ort-cpu | fp32 |") == 2
 
 

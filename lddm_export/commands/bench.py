@@ -9,6 +9,8 @@ draws. Each side gets one warm-up call, then the two are called alternately --re
 (so both see the same machine load) and the medians are reported:
     ms/step   = call time / (T_x + T_y)
     samples/s = B / call time
+    sampler overhead = (call time - time inside the graphs) / time inside the graphs, from one
+                       more runtime call with every infer() timed (and synchronised on a GPU)
 The torch threads and the onnxruntime intra-op threads are both set to --threads, so the
 comparison is fair on a shared CPU.
 """
@@ -40,6 +42,21 @@ def paired_median_seconds(fn_a, fn_b, repeat: int) -> tuple[float, float]:
     return statistics.median(times_a), statistics.median(times_b)
 
 
+class TimedRunner:
+    """Wraps a runner and adds up the wall time spent in its infer() (device synchronised)."""
+
+    def __init__(self, runner, sync):
+        self.runner, self.sync, self.seconds = runner, sync, 0.0
+        self.device, self.spec = runner.device, runner.spec
+
+    def infer(self, feed):
+        start = time.perf_counter()
+        out = self.runner.infer(feed)
+        self.sync()
+        self.seconds += time.perf_counter() - start
+        return out
+
+
 def parse_batches(text: str) -> list[int]:
     try:
         batches = [int(b) for b in text.split(",")]
@@ -63,7 +80,8 @@ def bench_bundle(bundle, backend: str, precision: str, device: str, batches: lis
     Returns:
         one row per batch: {"variant", "backend", "precision", "device", "batch", "steps",
         "runtime_ms_per_step", "runtime_samples_per_s", "reference_ms_per_step",
-        "reference_samples_per_s", "speedup"}.
+        "reference_samples_per_s", "speedup", "sampler_overhead"}; sampler_overhead is the
+        time outside the graphs over the time inside them, from one more (instrumented) call.
     """
     import torch
 
@@ -108,11 +126,17 @@ def bench_bundle(bundle, backend: str, precision: str, device: str, batches: lis
             sync()
 
         t_runtime, t_reference = paired_median_seconds(run_runtime, run_reference, repeat)
+        timed = {name: TimedRunner(runner, sync) for name, runner in runners.items()}
+        start = time.perf_counter()
+        Sampler.from_bundle(bundle, timed).sample(noise, latent_steps)
+        sync()
+        t_total, t_graphs = time.perf_counter() - start, sum(r.seconds for r in timed.values())
         rows.append({"variant": variant, "backend": backend, "precision": precision, "device": device,
                      "batch": batch, "steps": n_steps,
                      "runtime_ms_per_step": 1e3 * t_runtime / n_steps, "runtime_samples_per_s": batch / t_runtime,
                      "reference_ms_per_step": 1e3 * t_reference / n_steps,
-                     "reference_samples_per_s": batch / t_reference, "speedup": t_reference / t_runtime})
+                     "reference_samples_per_s": batch / t_reference, "speedup": t_reference / t_runtime,
+                     "sampler_overhead": (t_total - t_graphs) / t_graphs})
     for runner in runners.values():
         runner.deactivate()
     return rows
@@ -121,13 +145,13 @@ def bench_bundle(bundle, backend: str, precision: str, device: str, batches: lis
 def format_table(rows: list[dict]) -> str:
     """A markdown table of bench_bundle rows."""
     lines = ["| variant | backend | precision | batch | runtime ms/step | runtime samples/s | "
-             "torch eager ms/step | torch eager samples/s | speedup |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+             "torch eager ms/step | torch eager samples/s | speedup | sampler overhead |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['variant']} | {r['backend']}-{r['device']} | {r['precision']} | {r['batch']} | "
                      f"{r['runtime_ms_per_step']:.3f} | {r['runtime_samples_per_s']:.1f} | "
                      f"{r['reference_ms_per_step']:.3f} | {r['reference_samples_per_s']:.1f} | "
-                     f"{r['speedup']:.2f}x |")
+                     f"{r['speedup']:.2f}x | {100 * r['sampler_overhead']:.1f}% |")
     return "\n".join(lines)
 
 
