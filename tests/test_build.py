@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -300,6 +301,22 @@ def test_inspect_shows_the_manifest(bundle):
                  "log_probs float32[B,16,6]", "fp32: onnx/denoiser.fp32.onnx (", "engines: none",
                  "2 files, all match their sha256", "onnxruntime"):
         assert text in result.output, text
+
+
+def test_inspect_lists_engines(bundle, tmp_path):
+    from lddm_export.manifest import read_manifest, write_manifest
+
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle, copy)
+    (copy / "engines").mkdir()
+    (copy / "engines/denoiser.fp16.orin-sm87.trt10.3.0.plan").write_bytes(b"\0" * 2_000_000)
+    entry = {"graph": "denoiser", "precision": "fp16", "file": "engines/denoiser.fp16.orin-sm87.trt10.3.0.plan",
+             "onnx_file": "onnx/denoiser.fp16.onnx", "onnx_sha256": "0" * 64, "trt_version": "10.3.0",
+             "gpu_name": "Orin", "compute_capability": "8.7", "profile": {"min": 1, "opt": 8, "max": 64}}
+    write_manifest(copy, {**read_manifest(copy), "engines": [entry]})
+    output = CliRunner().invoke(cli, ["inspect", str(copy)]).output
+    assert "engines/denoiser.fp16.orin-sm87.trt10.3.0.plan (2.00 MB)  10.3.0    Orin (sm 8.7)  1/8/64" in output
+    assert "3 files, all match their sha256" in output
 
 
 def test_inspect_of_a_non_bundle(tmp_path, capsys):
