@@ -1,8 +1,9 @@
 """SWD to fresh sawtooth data vs token steps, for the MDLM, FUJI and SEQ example checkpoints.
 
-For each checkpoint and each number of token steps T, draw n samples with the reference
-sampler (training.sampling.sample, batch b seeded with seed + b) and measure the sliced
-Wasserstein distance (1000 directions) to n fresh data sequences. Scale:
+For each checkpoint, number of token steps T and sampling seed, draw n samples with the
+reference sampler (training.sampling.sample, batch b seeded with seed + b) and measure the
+sliced Wasserstein distance (1000 directions) to n fresh data sequences; report the mean and
+spread over the seeds. Scale:
 - floor: SWD between independent data draws of size n (mean over --floor-pairs pairs);
 - factorized one-step: every token drawn independently from its exact data marginal
   (p(x_i = 1) = 0.5 for the sawtooth, whatever i), which is what a perfect MDLM produces in
@@ -39,11 +40,16 @@ def factorized_draw(n: int, seq_len: int, seed: int) -> torch.Tensor:
 
 
 def mean_std(values: list[float]) -> dict:
-    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)), "values": values}
+    std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    return {"mean": float(np.mean(values)), "std": std, "values": values}
 
 
 def benchmark(args) -> tuple[dict, dict]:
-    """SWD vs steps for every variant. Returns (results, {(variant, steps): tokens})."""
+    """SWD vs steps for every variant and sampling seed.
+
+    Returns:
+        (results, {(variant, steps): int64 [n, L] tokens of the first seed}).
+    """
     reference = data_draw(args.n, args.seq_len, args.data_seed)
 
     def swd(samples: torch.Tensor) -> float:
@@ -55,7 +61,7 @@ def benchmark(args) -> tuple[dict, dict]:
     print(f"floor {floor['mean']:.4f} +- {floor['std']:.4f}; factorized one-step "
           f"{factorized['mean']:.4f} ({factorized['mean'] / floor['mean']:.2f}x floor)", flush=True)
     results = {"floor": floor, "factorized_one_step": factorized, "variants": {}}
-    all_tokens = {}
+    first_seed_tokens = {}
     for variant in args.variants:
         path = Path(args.examples) / f"sawtooth-{variant}.pt"
         model, ckpt = load_checkpoint(path)
@@ -67,15 +73,19 @@ def benchmark(args) -> tuple[dict, dict]:
                "latent_steps": latent_steps, "swd": {}, "entropy": {}, "seconds": {}}
         for steps in args.steps:
             start = time.perf_counter()
-            tokens = sample(model, args.seed, args.n, steps, latent_steps, args.batch_size).tokens
+            swds, entropies = [], []
+            for seed in args.seeds:
+                tokens = sample(model, seed, args.n, steps, latent_steps, args.batch_size).tokens
+                first_seed_tokens.setdefault((variant, steps), tokens)
+                swds.append(swd(tokens))
+                entropies.append(unigram_entropy(tokens))
             row["seconds"][steps] = round(time.perf_counter() - start, 1)
-            all_tokens[variant, steps] = tokens
-            row["swd"][steps] = swd(tokens)
-            row["entropy"][steps] = unigram_entropy(tokens)
-            print(f"{variant:5s} T={steps:4d}  swd {row['swd'][steps]:.4f}  "
-                  f"({row['swd'][steps] / floor['mean']:.2f}x floor)  {row['seconds'][steps]}s", flush=True)
+            row["swd"][steps], row["entropy"][steps] = mean_std(swds), mean_std(entropies)
+            ratio = np.array(swds) / floor["mean"]
+            print(f"{variant:5s} T={steps:4d}  swd {np.mean(swds):.4f}  ({ratio.mean():.2f}x floor, "
+                  f"{ratio.min():.2f}-{ratio.max():.2f} over seeds)  {row['seconds'][steps]}s", flush=True)
         results["variants"][variant] = row
-    return results, all_tokens
+    return results, first_seed_tokens
 
 
 def precision_check(args, float64_tokens: torch.Tensor) -> dict:
@@ -83,7 +93,7 @@ def precision_check(args, float64_tokens: torch.Tensor) -> dict:
     variant, steps = args.precision_variant, args.precision_steps
     model, _ = load_checkpoint(Path(args.examples) / f"sawtooth-{variant}.pt")
     model.to(args.device)
-    float32_tokens = sample(model, args.seed, args.n, steps, args.latent_steps if variant == "seq" else None,
+    float32_tokens = sample(model, args.seeds[0], args.n, steps, args.latent_steps if variant == "seq" else None,
                             args.batch_size, float64=False).tokens
     reference = data_draw(args.n, args.seq_len, args.data_seed)
     out = {"variant": variant, "steps": steps}
@@ -104,7 +114,8 @@ def plot(results: dict, steps: list[int], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for variant, row in results["variants"].items():
         label = variant.upper() + (f" ({row['latent_steps']} latent steps)" if row["latent_steps"] else "")
-        ax.plot(steps, [row["swd"][s] / floor for s in steps], marker="o", label=label)
+        ax.errorbar(steps, [row["swd"][s]["mean"] / floor for s in steps],
+                    yerr=[row["swd"][s]["std"] / floor for s in steps], marker="o", capsize=3, label=label)
     ax.axhline(1.0, color="k", lw=1, label="data floor")
     ax.axhline(1.2, color="k", lw=1, ls=":", label="1.2x floor (paper's SEQ claim)")
     ax.axhline(results["factorized_one_step"]["mean"] / floor, color="gray", ls="--",
@@ -121,14 +132,21 @@ def plot(results: dict, steps: list[int], path: Path) -> None:
 
 def table(results: dict, steps: list[int]) -> str:
     floor = results["floor"]["mean"]
-    lines = ["| model | " + " | ".join(f"T={s}" for s in steps) + " |",
+    lines = ["SWD / data floor, mean ± std over the sampling seeds", "",
+             "| model | " + " | ".join(f"T={s}" for s in steps) + " |",
              "|---|" + "---|" * len(steps)]
     for variant, row in results["variants"].items():
         name = variant.upper() + (f" (T_y={row['latent_steps']})" if row["latent_steps"] else "")
-        lines.append(f"| {name} | " + " | ".join(f"{row['swd'][s]:.3f} ({row['swd'][s] / floor:.2f}x)" for s in steps) + " |")
+        lines.append(f"| {name} | " + " | ".join(
+            f"{row['swd'][s]['mean'] / floor:.2f} ± {row['swd'][s]['std'] / floor:.2f}" for s in steps) + " |")
     f = results["factorized_one_step"]["mean"]
     lines.append(f"\ndata floor {floor:.4f} (std {results['floor']['std']:.4f} over {len(results['floor']['values'])} pairs); "
                  f"factorized one-step {f:.4f} ({f / floor:.2f}x floor)")
+    if "precision" in results:
+        pr = results["precision"]
+        lines.append(f"float64 vs float32 draws ({pr['variant']}, T={pr['steps']}): entropy "
+                     f"{pr['float64']['entropy']:.6f} vs {pr['float32']['entropy']:.6f}, "
+                     f"token agreement {pr['token_agreement']:.6f}")
     return "\n".join(lines)
 
 
@@ -141,7 +159,8 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=2000)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=500)
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (batch b uses seed + b)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1000, 2000, 3000, 4000],
+                   help="sampling seeds, one sample set each (batch b uses seed + b)")
     p.add_argument("--data-seed", type=int, default=2026, help="reference data draw; floor pairs use +1.., factorized +101..")
     p.add_argument("--swd-seed", type=int, default=0, help="seed of the 1000 projection directions")
     p.add_argument("--floor-pairs", type=int, default=5)
@@ -157,7 +176,9 @@ def main(argv=None):
                          "(the float64 run is reused)")
     results, tokens = benchmark(args)
     results["precision"] = precision_check(args, tokens[args.precision_variant, args.precision_steps])
-    results["config"] = {k: v for k, v in vars(args).items() if k != "out"} | {"torch": torch.__version__}
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    results["config"] = {k: v for k, v in vars(args).items() if k != "out"} | {
+        "torch": torch.__version__, "device_name": device_name}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
