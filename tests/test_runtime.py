@@ -8,6 +8,7 @@ Trajectory parity has two levels here:
 """
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -52,8 +53,13 @@ def noise_for(bundle, seed, batch=B, steps=T_X):
     return draw_noise(seed, batch, steps, s["L"], None if bundle.variant == "mdlm" else (s["P"], s["D"]))
 
 
+@functools.lru_cache(maxsize=None)
+def reference_model(path: str):
+    return load_checkpoint(path)[0]
+
+
 def reference(bundle, seed, batch=B, steps=T_X, **options):
-    model, _ = load_checkpoint(bundle.manifest["checkpoint"]["path"])
+    model = reference_model(bundle.manifest["checkpoint"]["path"])
     draws = sampling.make_draws(seed, batch, model.cfg, steps)
     if bundle.variant == "mdlm":
         return sampling.sample_mdlm(model, draws, steps, **options)
@@ -191,7 +197,7 @@ def test_ort_fp32_trajectory_agrees_with_the_reference(bundle, record_property):
 def test_sample_batches_uses_seed_plus_b_like_the_reference(bundle):
     sampler = active_sampler(bundle, "ort")
     ours = sample_batches(sampler, 4, num=10, batch_size=4, token_steps=T_X, latent_steps=latent_steps(bundle))
-    model, _ = load_checkpoint(bundle.manifest["checkpoint"]["path"])
+    model = reference_model(bundle.manifest["checkpoint"]["path"])
     ref = sampling.sample(model, 4, 10, T_X, latent_steps(bundle), batch_size=4)
     assert ours.tokens.shape == (10, bundle.shapes["L"]) and ours.tokens.dtype == torch.int64
     assert (ours.tokens == ref.tokens).double().mean().item() >= TOKEN_AGREEMENT
