@@ -144,8 +144,10 @@ class FinalLayer(nn.Module):
 
 def subs_log_probs(logits: torch.Tensor, mask_id: int) -> torch.Tensor:
     """SUBS: the mask token is never predicted. Float32 log-softmax with a finite penalty."""
-    penalty = torch.zeros(logits.shape[-1], device=logits.device)
-    penalty[mask_id] = MASK_LOGIT_PENALTY
+    # Built on the device without indexed assignment: `penalty[mask_id] = c` copies a CPU scalar
+    # to the GPU, a synchronising copy that also breaks CUDA-graph capture.
+    vocab = torch.arange(logits.shape[-1], device=logits.device)
+    penalty = torch.where(vocab == mask_id, MASK_LOGIT_PENALTY, 0.0)
     return torch.log_softmax(logits.float() + penalty, dim=-1)
 
 
