@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 import torch
 
-from training.checkpoint import load_checkpoint
+from training.checkpoint import CheckpointError, load_checkpoint
 from training.cli import main as cli_main
 from training.config import PRESETS, ModelConfig
 from training.data import (SawtoothData, TextData, decode_ids, load_data, sample_sawtooth,
@@ -253,6 +253,17 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path):
     a = load_checkpoint(straight / "model.pt")[0].state_dict()
     b = load_checkpoint(split / "model.pt")[0].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_another_model_or_other_options(tmp_path):
+    tiny_run(tmp_path, max_steps=2)
+    resume = resume_path(tmp_path / "model.pt")
+    cfg = TrainConfig(max_steps=4, batch_size=8, warmup=2, eval_every=2, eval_batches=1, device="cpu")
+    with pytest.raises(CheckpointError, match=r"another model \(differs in \['variant'\]\)"):
+        train(tiny_config("seq"), cfg, SawtoothData(L), tmp_path / "other.pt", resume=resume, progress=False)
+    with pytest.raises(CheckpointError, match=r"other training options \(\['batch_size'\]\)"):
+        train(tiny_config("mdlm"), dataclasses.replace(cfg, batch_size=16), SawtoothData(L), tmp_path / "other.pt",
+              resume=resume, progress=False)
 
 
 # ----------------------------------------------------------------------------- CLI
