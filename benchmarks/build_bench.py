@@ -5,7 +5,7 @@
 Default checkpoints: examples/sawtooth-{mdlm,fuji,seq}.pt. Each build runs as a user runs it,
 `lddm-export build --ckpt CKPT --out DIR --engines off --force` in a fresh process (interpreter
 start and imports included), into a temporary directory; the best of --repeat runs is kept.
-Prints a Markdown table: wall time, and the bytes of every ONNX file and of the whole bundle.
+Prints a Markdown table: wall and CPU time, and the bytes of every ONNX file and of the whole bundle.
 With --parity, also the worst per-graph error of each bundle's ONNX graphs (ONNX Runtime CPU)
 against the checkpoint's PyTorch modules over batch 1, 3, 8 x t in {0.001, 0.5, 0.999}, in the
 metrics of runtimes/tolerances.py.
@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -25,12 +27,19 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = [ROOT / "examples" / f"sawtooth-{v}.pt" for v in ("mdlm", "fuji", "seq")]
 
 
-def build_once(ckpt: Path, out: Path) -> float:
-    """Wall seconds of one `lddm-export build` subprocess; raises if it fails."""
+def build_once(ckpt: Path, out: Path) -> tuple[float, float]:
+    """(wall seconds, CPU seconds user + system) of one `lddm-export build` subprocess.
+
+    CPU time is reported beside wall time because this machine's two cores are shared: wall
+    time grows with whatever else runs, CPU time much less.
+    """
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     subprocess.run([sys.executable, "-m", "lddm_export.cli", "build", "--ckpt", str(ckpt), "--out", str(out),
                     "--engines", "off", "--force"], check=True, capture_output=True, cwd=ROOT)
-    return time.perf_counter() - started
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def sizes(bundle: Path) -> dict:
@@ -94,14 +103,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     parity = []
     print(f"# {platform.processor() or platform.machine()}, Python {platform.python_version()}")
-    print("| checkpoint | variant | graphs | build (s) | FP32 ONNX (MB) | FP16 ONNX (MB) | bundle (MB) |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"# load average before: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    print("| checkpoint | variant | graphs | build wall (s) | build CPU (s) | FP32 ONNX (MB) | FP16 ONNX (MB) | bundle (MB) |")
+    print("|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for ckpt in args.ckpts:
             out = Path(tmp) / ckpt.stem
-            seconds = min(build_once(ckpt, out) for _ in range(args.repeat))
+            wall, cpu = min(build_once(ckpt, out) for _ in range(args.repeat))
             s = sizes(out)
-            print(f"| {ckpt.name} | {s['variant']} | {s['graphs']} | {seconds:.1f} | {s.get('fp32_mb', 0):.2f} "
+            print(f"| {ckpt.name} | {s['variant']} | {s['graphs']} | {wall:.1f} | {cpu:.1f} | {s.get('fp32_mb', 0):.2f} "
                   f"| {s.get('fp16_mb', 0):.2f} | {s['bundle_mb']:.2f} |", flush=True)
             if args.parity:
                 parity += graph_parity(ckpt, out)
@@ -109,6 +119,7 @@ def main(argv: list[str] | None = None) -> None:
         print("\n| variant / graph / output | FP32 max rel | FP16 rel L2 | FP16 KL of softmax |")
         print("|---|---|---|---|")
         print("\n".join(parity))
+    print(f"# load average after: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":
