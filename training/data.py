@@ -166,7 +166,12 @@ def read_text_lines(name: str) -> list[str]:
     path = Path(name[len("text:"):])
     if not path.is_file():
         raise ConfigError(f"--data {name}: the file {path} does not exist; pass text:PATH with a readable text file")
-    lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"--data {name}: the file is not UTF-8 text (byte {e.start} cannot be decoded), so the "
+                          f"tokenizer cannot encode it; convert it to UTF-8 text or pass another file") from None
+    lines = [line for line in text.splitlines() if line.strip()]
     if not lines:
         raise ConfigError(f"--data {name}: the file {path} holds no text")
     return lines
