@@ -222,7 +222,7 @@ def markdown(report: dict) -> str:
         lines.append(f"| {r['variant']} | {r['params_M']} | {r['batch']} | {r['eager_ms_per_step']:.3f} | "
                      f"{'-' if graphs is None else f'{graphs:.3f}'} | {replay:.3f} | "
                      f"{r['speedup_graphs_vs_eager']:.2f}x | {100 * r['sampler_overhead']:.1f}% | "
-                     f"{r.get('graphs_float32_draws_ms_per_step', r['eager_float32_draws_ms_per_step']):.3f} |")
+                     f"{r.get('graphs_float32_draws_ms_per_step') or r['eager_float32_draws_ms_per_step']:.3f} |")
     lines += ["", "| example | B | steps | token agreement (eager) | token agreement (graphs) |",
               "|---|---:|---:|---:|---:|"]
     for r in report["parity"]:

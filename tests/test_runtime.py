@@ -345,13 +345,26 @@ def test_text_decoder_matches_the_training_decoder():
 
 # ----------------------------------------------------------------------------- GPU
 
-def test_gpu_check_dry_run_writes_its_report(tmp_path):
+def _gpu_check_module():
     import importlib.util
     from pathlib import Path
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
     spec = importlib.util.spec_from_file_location("gpu_check", path)
     gpu_check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_check)
+    return gpu_check
+
+
+def test_gpu_check_renders_the_recorded_gpu_report():
+    """The GPU run's report (CUDA-graph rows, no eager float32 timing) renders as a table."""
+    from pathlib import Path
+    recorded = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "gpu_check_h100.json"
+    table = _gpu_check_module().markdown(json.loads(recorded.read_text()))
+    assert "| mdlm | 105.0 | 1 |" in table and "errors: 0" in table
+
+
+def test_gpu_check_dry_run_writes_its_report(tmp_path):
+    gpu_check = _gpu_check_module()
     report = gpu_check.main(["--dry-run", "--out", str(tmp_path), "--variants", "mdlm,seq", "--batches", "1,2"])
     saved = json.loads((tmp_path / "gpu_check.json").read_text())
     assert saved["dry_run"] and [(r["variant"], r["batch"]) for r in saved["speed"]] == [
