@@ -52,7 +52,8 @@ class BuildOptions:
         workspace_mb: TensorRT builder workspace cap in MiB, or None.
         force: replace an existing DIR that is not an up-to-date bundle of this checkpoint,
             and rebuild everything (no stage is skipped).
-        keep_fp32_nodes: extra node names the FP16 pass keeps in FP32 (from calibration).
+        calibrate: choose extra FP32 islands of the FP16 graphs from activation statistics
+            over the bundle's own sampling trajectories (calibration/fp16_islands.py).
     """
 
     precisions: tuple[str, ...] = PRECISIONS
@@ -61,7 +62,7 @@ class BuildOptions:
     opset: int = DEFAULT_OPSET
     workspace_mb: int | None = None
     force: bool = False
-    keep_fp32_nodes: tuple[str, ...] = ()
+    calibrate: bool = True
 
 
 def parse_precisions(text: str) -> tuple[str, ...]:
@@ -102,14 +103,14 @@ def check_opset(opset: int) -> int:
 
 def parse_options(precision: str = "fp32,fp16", engines: str = "auto", batch: str = DEFAULT_BATCH,
                   opset: int = DEFAULT_OPSET, workspace_mb: int | None = None,
-                  force: bool = False) -> BuildOptions:
+                  force: bool = False, calibrate: bool = True) -> BuildOptions:
     """BuildOptions from the CLI's strings, every one checked (raises LddmError)."""
     if engines not in ENGINE_MODES:
         raise LddmError(f"--engines {engines!r} must be one of {', '.join(ENGINE_MODES)}")
     if workspace_mb is not None and workspace_mb <= 0:
         raise LddmError(f"--workspace-mb {workspace_mb} must be a positive number of MiB")
     return BuildOptions(parse_precisions(precision), engines, parse_batch_profile(batch),
-                        check_opset(opset), workspace_mb, force)
+                        check_opset(opset), workspace_mb, force, calibrate)
 
 
 def default_out_dir(ckpt: Path) -> Path:
@@ -160,9 +161,10 @@ def build_bundle(ckpt: str | Path, out: str | Path | None = None, options: Build
                         "checkpoint": {"path": str(ckpt.resolve()), "sha256": ckpt_sha},
                         "tools": {**reusable["tools"], **manifests.tool_versions()}}
         else:
-            graphs = export_bundle_graphs(model, tmp, options, log)
+            graphs = export_bundle_graphs(model, raw, ckpt, ckpt_sha, tmp, options, log)
             manifest = manifests.new_manifest(raw["config"], raw["tokenizer"], ckpt, ckpt_sha, graphs,
                                               options.profile, options.opset)
+            manifest["fp16_calibration"] = options.calibrate and "fp16" in options.precisions
         if engines:
             manifest = _add_engines(tmp, manifest, options, log)
         written = manifests.write_manifest(tmp, manifest)
@@ -218,46 +220,78 @@ def bundle_precisions(manifest: dict) -> tuple[str, ...]:
     return tuple(p for p in PRECISIONS if graphs and all(p in g["onnx"] for g in graphs))
 
 
-def export_bundle_graphs(model, bundle_dir: Path, options: BuildOptions, log: Log) -> dict:
-    """Export every graph of the model's variant (FP32, then the mixed FP16 graph from it).
+def export_bundle_graphs(model, raw: dict, ckpt: Path, ckpt_sha: str, bundle_dir: Path, options: BuildOptions,
+                         log: Log) -> dict:
+    """Export every graph of the model's variant: FP32, then (calibration) the mixed FP16 graphs.
 
     Args:
-        model: training.model.LDDM in eval mode.
+        model: training.model.LDDM in eval mode; raw: its checkpoint dict.
+        ckpt, ckpt_sha: the checkpoint file and its sha256 (for the provisional manifest).
         bundle_dir: where onnx/<graph>.<precision>.onnx are written.
-        options: precisions, opset and keep_fp32_nodes.
+        options: precisions, opset, calibrate.
         log: progress sink, one line per file.
     Returns:
-        the manifest's "graphs" table: name -> {"inputs", "outputs", "onnx": {precision: path}}.
+        the manifest's "graphs" table: name -> {"inputs", "outputs", "onnx": {precision: path},
+        and with FP16 "fp16_islands": [{"node", "op_type", "reason"}] (the calibrated ones)}.
     """
     from lddm_export.export import EXPORTER, export_graph, set_metadata
-    from lddm_export.fp16 import to_mixed_fp16_with_report
     from runtimes.spec import graph_specs
     from training.model import graph_modules
 
     cfg = model.cfg
     specs = graph_specs(cfg.variant, cfg.seq_len, cfg.n_latent, cfg.latent_dim, cfg.total_vocab)
-    graphs = {}
+    graphs, fp32_models, common = {}, {}, {}
     for name, module in graph_modules(model).items():
-        spec = specs[name]
         started = time.perf_counter()
-        fp32 = export_graph(module, spec, cfg.total_vocab, options.opset)
-        common = {"lddm.graph": name, "lddm.variant": cfg.variant, "lddm.config": cfg.to_dict(),
-                  "lddm.exporter": EXPORTER}
-        set_metadata(fp32, {**common, "lddm.precision": "fp32"})
-        files = {}
-        if "fp32" in options.precisions:
-            files["fp32"] = _save(fp32, bundle_dir, name, "fp32", started, log)
-        if "fp16" in options.precisions:
-            started = time.perf_counter()
-            fp16, report = to_mixed_fp16_with_report(fp32, options.keep_fp32_nodes)
-            set_metadata(fp16, {**common, "lddm.precision": "fp16",
-                                "lddm.keep_fp32_nodes": list(options.keep_fp32_nodes)})
-            if report.out_of_range:
-                log(f"[export] {name}: constants outside the FP16 range kept in FP32: {report.out_of_range}")
-            files["fp16"] = _save(fp16, bundle_dir, name, "fp16", started, log,
-                                  f", {len(report.fp32_nodes)} FP32 / {len(report.fp16_nodes)} FP16 nodes")
-        graphs[name] = {**spec.to_dict(), "onnx": files}
+        fp32_models[name] = export_graph(module, specs[name], cfg.total_vocab, options.opset)
+        common[name] = {"lddm.graph": name, "lddm.variant": cfg.variant, "lddm.config": cfg.to_dict(),
+                        "lddm.exporter": EXPORTER}
+        set_metadata(fp32_models[name], {**common[name], "lddm.precision": "fp32"})
+        # The FP32 graph is written even for an FP16-only bundle: calibration runs it (removed below).
+        graphs[name] = {**specs[name].to_dict(),
+                        "onnx": {"fp32": _save(fp32_models[name], bundle_dir, name, "fp32", started, log)}}
+    if "fp16" in options.precisions:
+        islands = _calibrated_islands(raw, ckpt, ckpt_sha, graphs, bundle_dir, options, log)
+        for name, fp32 in fp32_models.items():
+            graphs[name]["onnx"]["fp16"] = _save_fp16(fp32, common[name], islands.get(name, []), bundle_dir,
+                                                      name, log)
+            graphs[name]["fp16_islands"] = [d.__dict__ for d in islands.get(name, [])]
+    if "fp32" not in options.precisions:
+        for name, graph in graphs.items():
+            (bundle_dir / graph["onnx"].pop("fp32")).unlink()
     return graphs
+
+
+def _calibrated_islands(raw: dict, ckpt: Path, ckpt_sha: str, graphs: dict, bundle_dir: Path,
+                        options: BuildOptions, log: Log) -> dict:
+    """Run calibration on the FP32 graphs just written (a provisional, unhashed bundle)."""
+    if not options.calibrate:
+        log("[calibrate] skipped (--no-calibrate): FP32 islands by rule only")
+        return {}
+    from calibration.fp16_islands import calibrate_bundle_islands
+    from runtimes.bundle import Bundle
+
+    started = time.perf_counter()
+    provisional = manifests.new_manifest(raw["config"], raw["tokenizer"], ckpt, ckpt_sha, graphs,
+                                         options.profile, options.opset)
+    islands = calibrate_bundle_islands(Bundle(bundle_dir, provisional), log)
+    log(f"[calibrate] done in {time.perf_counter() - started:.1f} s")
+    return islands
+
+
+def _save_fp16(fp32, common: dict, islands: list, bundle_dir: Path, name: str, log: Log) -> str:
+    """The mixed FP16 graph from the FP32 one, with the rule islands plus the calibrated ones."""
+    from lddm_export.export import set_metadata
+    from lddm_export.fp16 import to_mixed_fp16_with_report
+
+    started = time.perf_counter()
+    keep = [d.node for d in islands]
+    fp16, report = to_mixed_fp16_with_report(fp32, keep)
+    set_metadata(fp16, {**common, "lddm.precision": "fp16", "lddm.keep_fp32_nodes": keep})
+    if report.out_of_range:
+        log(f"[export] {name}: constants outside the FP16 range kept in FP32: {report.out_of_range}")
+    return _save(fp16, bundle_dir, name, "fp16", started, log,
+                 f", {len(report.fp32_nodes)} FP32 / {len(report.fp16_nodes)} FP16 nodes")
 
 
 def _save(model, bundle_dir: Path, graph: str, precision: str, started: float, log: Log, detail: str = "") -> str:
@@ -307,8 +341,8 @@ def _mismatch(old: dict | None, out: Path, ckpt_sha: str, options: BuildOptions)
     have = {p for g in old["graphs"].values() for p in g["onnx"]}
     if have != set(options.precisions):
         return f"holds the precisions {sorted(have)}, not {list(options.precisions)}"
-    if options.keep_fp32_nodes:
-        return "would need a new FP16 graph for the given keep_fp32_nodes"
+    if old.get("fp16_calibration", False) != (options.calibrate and "fp16" in options.precisions):
+        return f"was built {'with' if old.get('fp16_calibration') else 'without'} FP16 calibration"
     if manifests.export_tools(old["tools"]) != manifests.export_tools(manifests.tool_versions()):
         return "was exported by other tool versions"
     changed = manifests.changed_files(out, old)
@@ -342,18 +376,34 @@ def _engines_wanted(mode: str, log: Log) -> bool:
 
 
 def _add_engines(bundle_dir: Path, manifest: dict, options: BuildOptions, log: Log) -> dict:
-    """Build the engines into bundle_dir; returns the manifest with "engines" and tools updated."""
+    """Build the engines into bundle_dir; returns the manifest with "engines" and tools updated.
+
+    Engines built earlier for another GPU or TensorRT version (a server's, when this runs on a
+    Jetson) are kept with their files, so one bundle can carry engines for several machines;
+    only an earlier engine of the same graph, precision, GPU and TensorRT version is replaced.
+    """
     from lddm_export.engines import build_engines
 
-    for entry in manifest.get("engines", []):  # engines of an earlier build are replaced
-        (bundle_dir / entry["file"]).unlink(missing_ok=True)
     entries = build_engines(bundle_dir, manifest, list(options.precisions), options.profile,
                             options.workspace_mb, log)
+    built = {_engine_key(e) for e in entries}
+    kept = [e for e in manifest.get("engines", []) if _engine_key(e) not in built]
+    in_use = {e["file"] for e in entries + kept}
+    for entry in manifest.get("engines", []):
+        if entry["file"] not in in_use:  # a replaced engine under another file name
+            (bundle_dir / entry["file"]).unlink(missing_ok=True)
     tools = {**manifest["tools"], **manifests.tool_versions()}
     if entries:  # a JetPack tensorrt may have no pip metadata; the builder knows its version
         tools["tensorrt"] = entries[0]["trt_version"]
-    log(f"[engines] {len(entries)} engines built")
-    return {**manifest, "engines": entries, "tools": tools}
+    log(f"[engines] {len(entries)} engines built"
+        + (f", {len(kept)} for other GPUs or TensorRT versions kept" if kept else ""))
+    return {**manifest, "engines": kept + entries, "tools": tools}
+
+
+def _engine_key(entry: dict) -> tuple[str, ...]:
+    """What makes two manifest engine entries interchangeable: a new build of one replaces the other."""
+    return (entry["graph"], entry["precision"], entry["gpu_name"], entry["compute_capability"],
+            entry["trt_version"])
 
 
 def _sibling(out: Path, kind: str) -> Path:

@@ -277,6 +277,62 @@ def test_engines_for_a_bundle_refuse_changed_files(workdir, ckpt):
         build.build_engines_for_bundle(out, build.parse_options(engines="on", precision="fp16"))
 
 
+def fake_engine_builder(gpu, trt_version: str, payload: bytes):
+    """A stand-in for lddm_export.engines.build_engines that writes `payload` as every "engine"
+    and returns manifest entries for `gpu` and `trt_version`: it exercises the bundle's engine
+    bookkeeping only, not TensorRT."""
+    from lddm_export.engines import _sha256, engine_file_name
+
+    def build_engines(bundle_dir, manifest, precisions, profile, workspace_mb=None, log=print, timing_cache=None):
+        entries = []
+        for graph, table in manifest["graphs"].items():
+            for precision in precisions:
+                file = engine_file_name(graph, precision, gpu, trt_version)
+                (bundle_dir / file).parent.mkdir(parents=True, exist_ok=True)
+                (bundle_dir / file).write_bytes(payload)
+                entries.append({"graph": graph, "precision": precision, "file": file,
+                                "onnx_file": table["onnx"][precision],
+                                "onnx_sha256": _sha256(bundle_dir / table["onnx"][precision]),
+                                "trt_version": trt_version, "gpu_name": gpu.name,
+                                "compute_capability": gpu.compute_capability, "profile": dict(profile)})
+        return entries
+    return build_engines
+
+
+def test_engine_bookkeeping_keeps_other_machines_engines(workdir, ckpt, monkeypatch):
+    """Bookkeeping only (placeholder engine files, no TensorRT): a Jetson build adds its engines
+    beside a server's, and a rebuild for the same GPU and TensorRT version replaces only its own."""
+    from lddm_export import engines
+    from runtimes.cuda_util import GpuIdentity
+
+    out = workdir / "two-machines"
+    build.build_bundle(ckpt, out, build.parse_options(engines="off"), log=lambda line: None)
+    server, jetson = GpuIdentity("NVIDIA H100 80GB HBM3", "9.0"), GpuIdentity("Orin", "8.7")
+
+    def build_for(gpu, trt_version, payload, precision):
+        monkeypatch.setattr(engines, "build_engines", fake_engine_builder(gpu, trt_version, payload))
+        build.build_engines_for_bundle(out, build.parse_options(engines="on", precision=precision),
+                                       log=lambda line: None)
+        return Bundle.open(out).manifest  # checks every file against its sha256
+
+    build_for(server, "10.13.0", b"server", "fp32,fp16")
+    m = build_for(jetson, "10.3.0", b"jetson", "fp16")
+    engine_files = {(e["gpu_name"], e["precision"], e["trt_version"]): e["file"] for e in m["engines"]}
+    assert sorted(engine_files) == [("NVIDIA H100 80GB HBM3", "fp16", "10.13.0"),
+                                    ("NVIDIA H100 80GB HBM3", "fp32", "10.13.0"), ("Orin", "fp16", "10.3.0")]
+    assert sorted(p.name for p in (out / "engines").iterdir()) == sorted(Path(f).name for f in engine_files.values())
+    assert all(f in m["files"] for f in engine_files.values())
+
+    m = build_for(jetson, "10.3.0", b"jetson, rebuilt", "fp16")  # same GPU and version: replaced, not added
+    assert len(m["engines"]) == 3 and m["tools"]["tensorrt"] == "10.3.0"
+    assert (out / engine_files[("Orin", "fp16", "10.3.0")]).read_bytes() == b"jetson, rebuilt"
+    assert (out / engine_files[("NVIDIA H100 80GB HBM3", "fp32", "10.13.0")]).read_bytes() == b"server"
+
+    m = build_for(jetson, "10.4.0", b"jetson, newer TensorRT", "fp16")  # another version: both kept
+    assert sorted(e["trt_version"] for e in m["engines"] if e["gpu_name"] == "Orin") == ["10.3.0", "10.4.0"]
+    assert len(list((out / "engines").iterdir())) == 4
+
+
 @pytest.mark.trt
 @pytest.mark.gpu
 def test_engines_are_built_hashed_and_listed(workdir, ckpt):
