@@ -70,6 +70,50 @@ def calibrate_fp16_islands(models: dict[str, onnx.ModelProto], feeds: dict[str, 
         headroom, max_flushed: as for choose_fp32_islands.
     Returns:
         graph name -> the IslandDecisions for it (possibly empty).
+    Only the nodes that the FP16 pass's rules would put in FP16 are candidates: the others are
+    FP32 islands already.
     """
-    return {name: choose_fp32_islands(activation_stats(model, feeds[name]), headroom, max_flushed)
-            for name, model in models.items()}
+    from lddm_export.fp16 import to_mixed_fp16_with_report
+
+    decisions = {}
+    for name, model in models.items():
+        candidates = set(to_mixed_fp16_with_report(model)[1].fp16_nodes)
+        stats = activation_stats(model, feeds[name], nodes=candidates)
+        decisions[name] = choose_fp32_islands(stats, headroom, max_flushed)
+    return decisions
+
+
+CALIBRATION_SEEDS = (0, 1)
+CALIBRATION_BATCH = 8
+CALIBRATION_STEPS = 8
+
+
+def calibrate_bundle_islands(bundle, log=lambda line: None) -> dict[str, list[IslandDecision]]:
+    """Islands for every graph of a bundle's FP32 graphs, from its own sampling trajectories.
+
+    The bundle's sampler runs on ONNX Runtime (CPU, FP32) for CALIBRATION_SEEDS, a batch of
+    CALIBRATION_BATCH and CALIBRATION_STEPS token (and SEQ latent) steps; every graph's feeds
+    are recorded and its activation statistics decide its islands.
+
+    Args:
+        bundle: a runtimes.bundle.Bundle with FP32 ONNX graphs (hashes need not be final).
+        log: progress sink.
+    Returns:
+        graph name -> IslandDecisions (possibly empty).
+    """
+    from runtimes.backends import make_runners
+    from runtimes.samplers import Sampler
+    from calibration.trajectories import record_feeds
+
+    runners = {g: r.activate() for g, r in make_runners(bundle, "ort", "fp32", "cpu").items()}
+    sampler = Sampler.from_bundle(bundle, runners)
+    latent_steps = CALIBRATION_STEPS if bundle.variant == "seq" else None
+    feeds = record_feeds(sampler, list(CALIBRATION_SEEDS), CALIBRATION_BATCH, CALIBRATION_STEPS, latent_steps)
+    models = {g: onnx.load(bundle.onnx_path(g, "fp32")) for g in bundle.graph_names}
+    decisions = calibrate_fp16_islands(models, feeds)
+    for graph, chosen in decisions.items():
+        log(f"[calibrate] {graph}: {len(feeds[graph])} recorded feeds, {len(chosen)} extra FP32 islands"
+            + "".join(f"; {d.node} ({d.op_type}): {d.reason}" for d in chosen[:3]))
+    for runner in runners.values():
+        runner.deactivate()
+    return decisions

@@ -50,8 +50,10 @@ class TensorStats:
         self.count += x.size
         nonzero = x[x > 0]
         self.zeros += x.size - nonzero.size
-        log2 = np.clip(np.log2(nonzero), LOG2_BINS[0], LOG2_BINS[-1] - 1e-9)
-        self.hist += np.histogram(log2, bins=LOG2_BINS)[0]
+        # bin i holds 2^(LOG2_BINS[i]) <= |x| < 2^(LOG2_BINS[i + 1]); bincount is a histogram
+        # over integer exponents without np.histogram's sort
+        exponent = np.clip(np.floor(np.log2(nonzero)).astype(np.int64), LOG2_BINS[0], LOG2_BINS[-2])
+        self.hist += np.bincount(exponent - LOG2_BINS[0], minlength=len(self.hist))
 
     @property
     def rms(self) -> float:
@@ -83,19 +85,21 @@ def _float_node_outputs(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
 
 
 def activation_stats(model: onnx.ModelProto, feeds: list[dict[str, torch.Tensor]],
-                     threads: int | None = None) -> dict[str, TensorStats]:
+                     threads: int | None = None, nodes: set[str] | None = None) -> dict[str, TensorStats]:
     """Run an FP32 graph on recorded feeds and gather statistics of every float tensor.
 
     Args:
         model: the FP32 ONNX graph (graph inputs float32/int64).
         feeds: feeds recorded by calibration.trajectories.record_feeds for this graph.
         threads: ONNX Runtime intra-op threads, or None for its default.
+        nodes: only the outputs of these nodes (by name); None for every node.
     Returns:
-        tensor name -> TensorStats, for every float32 tensor produced by a node.
+        tensor name -> TensorStats, for every float32 tensor produced by a (selected) node.
     """
     import onnxruntime as ort
 
-    produced = _float_node_outputs(model)
+    produced = {name: node for name, node in _float_node_outputs(model).items()
+                if nodes is None or node.name in nodes}
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     existing = {o.name for o in probe.graph.output}

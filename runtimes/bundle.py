@@ -11,7 +11,9 @@ The manifest (written by lddm_export.manifest, read here and only here):
                    "latent": {"kind": "sqrt", "eps": 0.0001}},
       "graphs": {"<graph>": {"inputs": [...], "outputs": [...],   # runtimes.spec.GraphSpec
                               "onnx": {"fp32": "onnx/<graph>.fp32.onnx",
-                                       "fp16": "onnx/<graph>.fp16.onnx"}}},
+                                       "fp16": "onnx/<graph>.fp16.onnx"},
+                              "fp16_islands": [{"node", "op_type", "reason"}]}},  # calibrated
+      "fp16_calibration": true,               # whether those islands were calibrated
       "batch_profile": {"min": 1, "opt": 8, "max": 64},
       "opset": 18,
       "engines": [{"graph": ..., "precision": "fp16", "file": "engines/....plan",

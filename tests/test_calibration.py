@@ -111,3 +111,24 @@ def test_int8_qdq_graph_runs_and_stays_close(fuji):
     rel_l2 = np.linalg.norm(got_p - ref_p) / np.linalg.norm(ref_p)
     assert 0 < rel_l2 < 0.05  # changed (quantised) but close
     assert np.linalg.norm(got_y0 - ref_y0) / np.linalg.norm(ref_y0) < 0.1
+
+
+def test_build_records_calibrated_islands_and_keeps_them_fp32(tmp_path):
+    from bundle_fixture import tiny_checkpoint
+    from lddm_export.build import build_bundle, parse_options
+
+    ckpt = tiny_checkpoint(tmp_path / "model.pt", "mdlm")
+    bundle = Bundle.open(build_bundle(ckpt, tmp_path / "bundle", parse_options(engines="off"), log=lambda line: None))
+    assert bundle.manifest["fp16_calibration"] is True
+    islands = bundle.manifest["graphs"]["denoiser"]["fp16_islands"]
+    # the SUBS penalty (mask logit - 1e4) is within 8x of FP16's range: calibration keeps it FP32
+    penalty = [d for d in islands if d["op_type"] == "Add" and "overflow" in d["reason"]]
+    assert penalty
+    fp16 = onnx.shape_inference.infer_shapes(onnx.load(bundle.onnx_path("denoiser", "fp16")))
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in fp16.graph.value_info}
+    node = next(n for n in fp16.graph.node if n.name == penalty[0]["node"])
+    assert types[node.output[0]] == onnx.TensorProto.FLOAT
+
+    plain = build_bundle(ckpt, tmp_path / "plain", parse_options(engines="off", calibrate=False), log=lambda line: None)
+    manifest = Bundle.open(plain).manifest
+    assert manifest["fp16_calibration"] is False and manifest["graphs"]["denoiser"]["fp16_islands"] == []

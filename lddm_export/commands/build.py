@@ -35,9 +35,11 @@ from runtimes.errors import LddmError
 @click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True, help="ONNX opset (>= 17)")
 @click.option("--force", is_flag=True, help="replace an existing --out and rebuild every stage")
 @click.option("--workspace-mb", type=int, default=None, help="cap on TensorRT's builder workspace (MiB)")
-def command(ckpt, bundle, out, precision, engines, batch, opset, force, workspace_mb):
+@click.option("--calibrate/--no-calibrate", default=True, show_default=True,
+              help="choose extra FP32 islands of the FP16 graphs from sampling-trajectory statistics")
+def command(ckpt, bundle, out, precision, engines, batch, opset, force, workspace_mb, calibrate):
     options = parse_options(precision or ",".join(PRECISIONS), engines, batch or DEFAULT_BATCH, opset,
-                            workspace_mb, force)
+                            workspace_mb, force, calibrate)
     if (ckpt is None) == (bundle is None):
         raise LddmError("pass exactly one of --ckpt model.pt (export a bundle) or --bundle DIR "
                         "(add TensorRT engines to an existing bundle)")
