@@ -19,11 +19,11 @@ the manifest's "engines" list with what the runner checks before loading it.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Callable
 
+from runtimes.bundle import sha256_file
 from runtimes.cuda_util import GpuIdentity, gpu_identity, import_tensorrt, tensorrt_logger
 from runtimes.errors import EngineBuildError
 
@@ -107,7 +107,7 @@ def build_engines(bundle_dir: str | Path, manifest: dict, precisions: list[str],
             with open(bundle_dir / engine_file, "wb") as f:
                 f.write(plan)
             entries.append({"graph": graph, "precision": precision, "file": engine_file,
-                            "onnx_file": onnx_file, "onnx_sha256": _sha256(bundle_dir / onnx_file),
+                            "onnx_file": onnx_file, "onnx_sha256": sha256_file(bundle_dir / onnx_file),
                             "trt_version": trt.__version__, "gpu_name": gpu.name,
                             "compute_capability": gpu.compute_capability, "profile": dict(profile)})
     return entries
@@ -168,12 +168,3 @@ def _write_atomic(path: Path, data) -> None:
     with open(tmp, "wb") as f:
         f.write(data)
     os.replace(tmp, path)
-
-
-def _sha256(path: Path) -> str:
-    # runtimes.bundle.sha256_file would do, but importing runtimes.bundle imports torch.
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

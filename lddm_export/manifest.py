@@ -1,39 +1,24 @@
 """Writing (and, for the engine path, reading) a bundle's manifest.json.
 
-The schema is documented once, in runtimes/bundle.py; this module fills it in. It imports
-neither torch nor training/: `lddm-export build --bundle DIR --engines on` and `inspect` run
-on a Jetson with only tensorrt, onnx and numpy. (runtimes.bundle imports torch through
-runtimes.spec, so the few checks needed here are repeated rather than imported.)
+The schema is documented once, in runtimes/bundle.py, which also reads and validates it; this
+module fills it in. Neither imports torch or training/: `lddm-export build --bundle DIR
+--engines on` and `inspect` run on a Jetson with only tensorrt, onnx and numpy.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import json
 import os
 from pathlib import Path
 
-from runtimes.errors import BundleError
+from runtimes.bundle import FORMAT, VERSION, Bundle, sha256_file
 
-FORMAT = "lddm-bundle"   # = runtimes.bundle.FORMAT
-VERSION = 1              # = runtimes.bundle.VERSION
 MANIFEST = "manifest.json"
 PARITY = "parity.json"
 UNHASHED = (MANIFEST, PARITY)   # the files table covers every other file of the bundle
-REQUIRED = ("format", "version", "variant", "config", "shapes", "schedule", "graphs",
-            "batch_profile", "engines", "tokenizer", "checkpoint", "files", "tools")
 # Distributions whose versions go into "tools"; those marked True change what export writes.
 TOOLS = {"torch": True, "onnx": True, "onnxscript": True, "onnxslim": True, "lddm-export": True,
          "onnxruntime": False, "onnxruntime-gpu": False, "tensorrt": False}
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def tool_versions() -> dict[str, str]:
@@ -119,30 +104,13 @@ def write_manifest(bundle_dir: Path, manifest: dict) -> dict:
 
 
 def read_manifest(bundle_dir: Path) -> dict:
-    """Parse a bundle's manifest.json and check its format, version and keys (no hashing).
+    """Parse and validate a bundle's manifest.json (runtimes.bundle; no hashing).
 
     Raises:
         BundleError: no such directory or manifest, invalid JSON, another format or version,
-            or missing keys; the message names the file and says to rebuild.
+            missing or malformed keys; the message names the file and says to rebuild.
     """
-    bundle_dir = Path(bundle_dir)
-    path = bundle_dir / MANIFEST
-    if not bundle_dir.is_dir():
-        raise BundleError(f"bundle {bundle_dir} is not a directory; build one with `lddm-export build --ckpt model.pt`")
-    if not path.is_file():
-        raise BundleError(f"bundle {bundle_dir} has no {MANIFEST}; rebuild it with `lddm-export build --ckpt model.pt`")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BundleError(f"manifest {path} is not valid JSON ({e}); rebuild the bundle with --force") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-        got = (manifest.get("format"), manifest.get("version")) if isinstance(manifest, dict) else type(manifest).__name__
-        raise BundleError(f"manifest {path} is not an {FORMAT} version {VERSION} manifest (got {got}); "
-                          f"rebuild the bundle with this lddm-export")
-    missing = [k for k in REQUIRED if k not in manifest]
-    if missing:
-        raise BundleError(f"manifest {path} lacks the keys {missing}; rebuild the bundle with --force")
-    return manifest
+    return Bundle.open(bundle_dir, check_hashes=False).manifest
 
 
 def changed_files(bundle_dir: Path, manifest: dict) -> list[str]:

@@ -8,12 +8,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from runtimes.errors import ShapeMismatch
 
 BATCH = "B"
-DTYPES = {"int64": torch.int64, "float32": torch.float32}
+
+
+def torch_dtype(name: str):
+    """The torch dtype of a spec dtype ("int64", "float32"). torch is imported here, not at
+    module level, so the manifest and engine-build path (Jetson: tensorrt, onnx, numpy) can
+    read specs without torch."""
+    import torch
+
+    return getattr(torch, name)
 
 
 @dataclass(frozen=True)

@@ -63,14 +63,14 @@ def test_good_bundle_passes_and_writes_parity_json(built):
     assert written["graphs"]["fp16"]["token_denoiser"]["outputs"]["log_probs"]["kl"] is not None
 
 
+def _scale_head_by_one_percent(model: onnx.ModelProto) -> None:
+    w = _head_weight(model)
+    w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * 1.01, w.name))
+
+
 def test_weight_scaled_by_one_percent_fails_naming_graph_and_output(bundle_copy):
     bundle, ckpt = bundle_copy
-
-    def scale(model):
-        w = _head_weight(model)
-        w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * 1.01, w.name))
-
-    _rewrite_onnx(bundle, "token_denoiser", "fp32", scale)
+    _rewrite_onnx(bundle, "token_denoiser", "fp32", _scale_head_by_one_percent)
     with pytest.raises(ToleranceExceeded, match=r"token_denoiser\.log_probs: max_rel"):
         verify_bundle(bundle, ckpt, FAST, log=lambda line: None)
     report = json.loads((bundle / "parity.json").read_text())
@@ -110,12 +110,7 @@ def test_other_checkpoint_is_refused(built, tmp_path):
 
 def test_cli_exit_code_and_message(bundle_copy):
     bundle, ckpt = bundle_copy
-
-    def scale(model):
-        w = _head_weight(model)
-        w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * 1.01, w.name))
-
-    _rewrite_onnx(bundle, "token_denoiser", "fp32", scale)
+    _rewrite_onnx(bundle, "token_denoiser", "fp32", _scale_head_by_one_percent)
     cmd = [sys.executable, "-m", "lddm_export.cli", "verify", "--bundle", str(bundle), "--ckpt", str(ckpt),
            "--precision", "fp32", "--steps", "2", "--latent-steps", "2", "--samples", "16"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)

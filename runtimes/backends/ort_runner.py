@@ -18,7 +18,7 @@ import torch
 from runtimes.base import Runner
 from runtimes.bundle import Bundle
 from runtimes.errors import BackendUnavailable
-from runtimes.spec import DTYPES
+from runtimes.spec import torch_dtype
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
              "tensorrt": "TensorrtExecutionProvider"}
@@ -96,7 +96,7 @@ class OrtRunner(Runner):
             x = inputs[s.name]
             binding.bind_input(s.name, device_type, device_id, NUMPY_DTYPES[s.dtype], list(x.shape), x.data_ptr())
         batch = inputs[self.spec.input_names[0]].shape[0]
-        outputs = {s.name: torch.empty(s.concrete_shape(batch), dtype=DTYPES[s.dtype], device=self.device)
+        outputs = {s.name: torch.empty(s.concrete_shape(batch), dtype=torch_dtype(s.dtype), device=self.device)
                    for s in self.spec.outputs}
         for s in self.spec.outputs:
             y = outputs[s.name]

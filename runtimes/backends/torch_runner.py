@@ -18,7 +18,7 @@ import torch
 from runtimes.base import Runner
 from runtimes.bundle import Bundle, sha256_file
 from runtimes.errors import BackendUnavailable, BundleError
-from runtimes.spec import DTYPES
+from runtimes.spec import torch_dtype
 
 WARMUP_CALLS = 3  # eager calls on a side stream before capture (cuBLAS/cuDNN workspaces, lazy init)
 
@@ -127,7 +127,7 @@ class TorchRunner(Runner):
     def _captured(self, batch: int):
         """The CUDA graph of this batch size, captured on first use."""
         if batch not in self._graphs:
-            static_in = {s.name: torch.zeros(s.concrete_shape(batch), dtype=DTYPES[s.dtype], device=self.device)
+            static_in = {s.name: torch.zeros(s.concrete_shape(batch), dtype=torch_dtype(s.dtype), device=self.device)
                          for s in self.spec.inputs}
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))

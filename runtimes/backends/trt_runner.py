@@ -28,7 +28,7 @@ from runtimes.base import Runner
 from runtimes.bundle import Bundle, sha256_file
 from runtimes.cuda_util import import_tensorrt, tensorrt_logger
 from runtimes.errors import BackendUnavailable, EngineBuildError, ShapeMismatch
-from runtimes.spec import DTYPES
+from runtimes.spec import torch_dtype
 
 TRT_DTYPES = {"float32": "FLOAT", "int64": "INT64"}     # spec dtype -> trt.DataType member
 
@@ -148,9 +148,9 @@ class TrtRunner(Runner):
     def _prepare(self, batch: int) -> _BatchState:
         """A context with this batch's shapes and buffers bound, and (optionally) its CUDA graph."""
         context = self._engine.create_execution_context()
-        inputs = {s.name: torch.zeros(s.concrete_shape(batch), dtype=DTYPES[s.dtype], device=self.device)
+        inputs = {s.name: torch.zeros(s.concrete_shape(batch), dtype=torch_dtype(s.dtype), device=self.device)
                   for s in self.spec.inputs}
-        outputs = {s.name: torch.zeros(s.concrete_shape(batch), dtype=DTYPES[s.dtype], device=self.device)
+        outputs = {s.name: torch.zeros(s.concrete_shape(batch), dtype=torch_dtype(s.dtype), device=self.device)
                    for s in self.spec.outputs}
         for name, buffer in inputs.items():
             if not context.set_input_shape(name, tuple(buffer.shape)):
