@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lddm_export.build import build_bundle, parse_options  # noqa: E402
+from lddm_export.build import DEFAULT_OPSET, build_bundle, parse_options  # noqa: E402
 from lddm_export.commands.bench import bench_bundle, format_table  # noqa: E402
 from lddm_export.manifest import sha256_file  # noqa: E402
 from runtimes.backends import make_runners  # noqa: E402
@@ -31,10 +31,12 @@ from runtimes.samplers import GRAPHS, Sampler  # noqa: E402
 
 
 def example_bundle(ckpt: Path, bundles: Path) -> Bundle:
-    """The bundle of `ckpt` under `bundles`, rebuilt only when it was built from another checkpoint."""
+    """The bundle of `ckpt` under `bundles`, rebuilt only when it was built from another checkpoint
+    or at another opset than the default."""
     out = bundles / ckpt.stem
     manifest = out / "manifest.json"
-    if not (manifest.is_file() and json.loads(manifest.read_text())["checkpoint"]["sha256"] == sha256_file(ckpt)):
+    old = json.loads(manifest.read_text()) if manifest.is_file() else None
+    if not (old and old["checkpoint"]["sha256"] == sha256_file(ckpt) and old["opset"] == DEFAULT_OPSET):
         build_bundle(ckpt, out, parse_options("fp32,fp16", engines="off", force=True), log=lambda line: None)
     return Bundle.open(out)
 

@@ -14,6 +14,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from lddm_export.build import DEFAULT_OPSET
 from lddm_export.export import sample_inputs
 from runtimes.spec import graph_specs
 from training.checkpoint import save_checkpoint
@@ -21,7 +22,7 @@ from training.config import PRESETS, ModelConfig
 from training.model import LDDM, graph_modules
 
 TINY = dict(seq_len=16, vocab_size=5, n_latent=3, latent_dim=4, **PRESETS["tiny"])
-OPSET = 18
+OPSET = DEFAULT_OPSET
 BATCHES = (1, 3, 8)
 TIMES = (0.001, 0.5, 0.999)
 

@@ -76,7 +76,7 @@ def test_bundle_layout_and_manifest(bundle, ckpt):
     assert m["checkpoint"] == {"path": str(ckpt.resolve()), "sha256": sha256_file(ckpt)}
     assert m["shapes"] == {"L": 16, "P": 3, "D": 4, "V": 6, "mask_id": 5}
     assert m["schedule"] == {"mask": {"kind": "loglinear", "eps": 0.001}, "latent": {"kind": "sqrt", "eps": 0.0001}}
-    assert m["batch_profile"] == {"min": 1, "opt": 4, "max": 16} and m["opset"] == 18 and m["engines"] == []
+    assert m["batch_profile"] == {"min": 1, "opt": 4, "max": 16} and m["opset"] == build.DEFAULT_OPSET and m["engines"] == []
     assert m["tokenizer"] is None and m["config"]["variant"] == "mdlm"
     assert {"torch", "onnx", "onnxruntime", "lddm_export"} <= set(m["tools"])
     assert m["graphs"]["denoiser"]["outputs"] == [{"name": "log_probs", "dtype": "float32", "shape": ["B", 16, 6]}]
@@ -281,7 +281,7 @@ def fake_engine_builder(gpu, trt_version: str, payload: bytes):
     """A stand-in for lddm_export.engines.build_engines that writes `payload` as every "engine"
     and returns manifest entries for `gpu` and `trt_version`: it exercises the bundle's engine
     bookkeeping only, not TensorRT."""
-    from lddm_export.engines import _sha256, engine_file_name
+    from lddm_export.engines import engine_file_name
 
     def build_engines(bundle_dir, manifest, precisions, profile, workspace_mb=None, log=print, timing_cache=None):
         entries = []
@@ -292,7 +292,7 @@ def fake_engine_builder(gpu, trt_version: str, payload: bytes):
                 (bundle_dir / file).write_bytes(payload)
                 entries.append({"graph": graph, "precision": precision, "file": file,
                                 "onnx_file": table["onnx"][precision],
-                                "onnx_sha256": _sha256(bundle_dir / table["onnx"][precision]),
+                                "onnx_sha256": sha256_file(bundle_dir / table["onnx"][precision]),
                                 "trt_version": trt_version, "gpu_name": gpu.name,
                                 "compute_capability": gpu.compute_capability, "profile": dict(profile)})
         return entries

@@ -48,6 +48,18 @@ def test_graph_uses_layernorm_and_one_logsoftmax():
     assert g_opset(exported("fuji")["denoiser"]["fp32"]) == OPSET
 
 
+@pytest.mark.parametrize("variant", ["mdlm", "fuji"])
+def test_tanh_gelu_is_one_native_node(variant):
+    """At the default opset the MLP's GELU(approximate="tanh") is one Gelu node per block (which
+    ORT fuses and TensorRT maps to kGELU_TANH), not the Pow/Tanh/Mul/Add decomposition."""
+    graph = exported(variant)["denoiser"]["fp32"].graph
+    gelus = [n for n in graph.node if n.op_type == "Gelu"]
+    approximations = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}.get("approximate")
+                      for n in gelus]
+    assert approximations and set(approximations) == {b"tanh"}
+    assert not {"Tanh", "Pow"} & {n.op_type for n in graph.node}
+
+
 def g_opset(model: onnx.ModelProto) -> int:
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
@@ -78,7 +90,7 @@ def test_exporter_failure_names_the_graph():
             return -x_t.float()
 
     spec = exported("mdlm")["denoiser"]["spec"]
-    with pytest.raises(LddmError, match="exporting graph 'denoiser' to ONNX opset 18 failed"):
+    with pytest.raises(LddmError, match=f"exporting graph 'denoiser' to ONNX opset {OPSET} failed"):
         export.export_graph(DataDependent(), spec, 6, OPSET)
 
 
