@@ -353,10 +353,12 @@ def test_engines_are_built_hashed_and_listed(workdir, ckpt):
 def test_inspect_shows_the_manifest(bundle):
     result = CliRunner().invoke(cli, ["inspect", str(bundle)])
     assert result.exit_code == 0, result.output
-    for text in ("variant        mdlm", "L=16 P=3 D=4 V=6 mask_id=5", "x_t int64[B,16], t float32[B]",
+    for text in ("L=16 P=3 D=4 V=6 mask_id=5", "x_t int64[B,16], t float32[B]",
                  "log_probs float32[B,16,6]", "fp32: onnx/denoiser.fp32.onnx (", "engines: none",
                  "2 files, all match their sha256", "onnxruntime"):
         assert text in result.output, text
+    assert re.search(r"variant\s+mdlm", result.output)
+    assert re.search(r"fp16 calibration\s+(yes|no)", result.output)
 
 
 def test_inspect_lists_engines(bundle, tmp_path):

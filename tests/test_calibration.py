@@ -128,6 +128,8 @@ def test_build_records_calibrated_islands_and_keeps_them_fp32(tmp_path):
     types = {vi.name: vi.type.tensor_type.elem_type for vi in fp16.graph.value_info}
     node = next(n for n in fp16.graph.node if n.name == penalty[0]["node"])
     assert types[node.output[0]] == onnx.TensorProto.FLOAT
+    from lddm_export.commands.inspect import describe
+    assert f"denoiser  {penalty[0]['node']}" in describe(bundle.root, bundle.manifest)
 
     plain = build_bundle(ckpt, tmp_path / "plain", parse_options(engines="off", calibrate=False), log=lambda line: None)
     manifest = Bundle.open(plain).manifest

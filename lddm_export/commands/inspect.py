@@ -43,6 +43,8 @@ def describe(root: Path, m: dict) -> str:
         ["batch profile", f"min {prof['min']}, opt {prof['opt']}, max {prof['max']}"],
         ["checkpoint", f"{ckpt.get('path')} (sha256 {str(ckpt.get('sha256'))[:12]})"],
         ["tokenizer", tok.get("kind", "?") if isinstance(tok, dict) else "none (synthetic data)"],
+        ["fp16 calibration", "yes: extra FP32 islands from sampling-trajectory statistics"
+                             if m.get("fp16_calibration") else "no: FP32 islands by rule only"],
     ]
     graphs = [[name, _tensors(g["inputs"]), _tensors(g["outputs"]),
                "; ".join(f"{p}: {rel} ({_size(root, rel)})" for p, rel in g["onnx"].items())]
@@ -50,11 +52,14 @@ def describe(root: Path, m: dict) -> str:
     engines = [[e["graph"], e["precision"], f"{e['file']} ({_size(root, e['file'])})", e["trt_version"],
                 f"{e['gpu_name']} (sm {e['compute_capability']})",
                 f"{e['profile']['min']}/{e['profile']['opt']}/{e['profile']['max']}"] for e in m["engines"]]
+    islands = [[name, d["node"], d["op_type"], d["reason"]]
+               for name, g in m["graphs"].items() for d in g.get("fp16_islands", [])]
     changed = manifests.changed_files(root, m)
     files = (f"{len(m['files'])} files, all match their sha256" if not changed
              else f"{len(changed)} of {len(m['files'])} files missing or changed since the build: {changed}")
     parts = [f"bundle {root}", table(summary),
              "", table(graphs, ["graph", "inputs", "outputs", "onnx"]),
+             *(["", table(islands, ["graph", "calibrated FP32 island", "op", "why"])] if islands else []),
              "", table(engines, ["engine", "precision", "file", "tensorrt", "gpu", "profile"]) if engines
              else "engines: none (build them with `lddm-export build --bundle DIR --engines on`)",
              "", table([[k, v] for k, v in m["tools"].items()], ["tool", "version"]),
