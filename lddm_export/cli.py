@@ -45,13 +45,18 @@ def cli():
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    """The exception types whose message is meant for the user (imported lazily)."""
+    """The exception types whose message is meant for the user.
+
+    training/'s are looked up only if training/ was imported: the engine-only path on a Jetson
+    imports neither it nor torch, and must not start to here.
+    """
     from runtimes.errors import LddmError
+
     errors: list[type[BaseException]] = [LddmError]
-    if "training" in sys.modules or "training.checkpoint" in sys.modules:
-        from training.checkpoint import CheckpointError
-        from training.config import ConfigError
-        errors += [CheckpointError, ConfigError]
+    if "training.config" in sys.modules:
+        errors.append(sys.modules["training.config"].ConfigError)
+    if "training.checkpoint" in sys.modules:
+        errors.append(sys.modules["training.checkpoint"].CheckpointError)
     return tuple(errors)
 
 
