@@ -2,12 +2,11 @@
 
 `tiny_checkpoint` saves a tiny model of a variant with random (non-trivial) weights: the
 zero-initialised adaLN and heads of a fresh model would make every output uniform, and a
-parity test on uniform outputs could not fail. `tiny_bundle` exports the sampling graphs of
-that checkpoint to FP32 ONNX with torch.onnx.export (the dynamo exporter, B dynamic) and
-writes a manifest as lddm_export would, so these tests do not depend on the exporter's build.
+parity test on uniform outputs could not fail. `build_tiny_bundle` builds that checkpoint's
+FP32 bundle exactly as `lddm-export build --precision fp32 --engines off --no-calibrate` does.
 
 Exports take seconds each, so bundles are cached on disk, keyed by the variant, the sizes
-and the sha256 of training/model.py and of this file (a changed network rebuilds them).
+and the sources of the network, the exporter and this file (a change to any rebuilds them).
 """
 from __future__ import annotations
 
@@ -15,25 +14,21 @@ import hashlib
 import json
 import shutil
 import tempfile
-import warnings
 from pathlib import Path
 
-import onnx
 import pytest
 import torch
 
-from runtimes.bundle import FORMAT, VERSION, sha256_file
-from runtimes.spec import graph_specs
+from runtimes.bundle import sha256_file
 from training.checkpoint import save_checkpoint
 from training.config import PRESETS, ModelConfig
-from training.model import LDDM, graph_modules
+from training.model import LDDM
 
-SAMPLING_GRAPHS = {"mdlm": ("denoiser",), "fuji": ("denoiser",), "seq": ("latent_denoiser", "token_denoiser")}
 TINY = dict(seq_len=16, vocab_size=5, n_latent=2, latent_dim=4, **PRESETS["tiny"])
-BATCH_PROFILE = {"min": 1, "opt": 8, "max": 64}
-OPSET = 18
-MODEL_SOURCE = Path(__file__).resolve().parents[1] / "training" / "model.py"
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+ROOT = Path(__file__).resolve().parents[1]
+SOURCES = [ROOT / "training" / "model.py", ROOT / "lddm_export" / "export.py", ROOT / "lddm_export" / "build.py",
+           Path(__file__)]
+CORPUS = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
 def tiny_config(variant: str, **overrides) -> ModelConfig:
@@ -65,49 +60,12 @@ def tiny_checkpoint(path: Path, variant: str, seed: int = 0, text: bool = False,
     return path
 
 
-def _export(module: torch.nn.Module, spec, path: Path, batch: int = 2) -> None:
-    """torch.onnx.export (dynamo) with B dynamic on every input."""
-    dtypes = {"int64": torch.int64, "float32": torch.float32}
-    args = tuple(torch.zeros(s.concrete_shape(batch), dtype=dtypes[s.dtype]) for s in spec.inputs)
-    b = torch.export.Dim("B", min=1, max=1024)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(module, args, input_names=spec.input_names, output_names=spec.output_names,
-                                    dynamo=True, dynamic_shapes=tuple({0: b} for _ in spec.inputs),
-                                    opset_version=OPSET, verbose=False)
-    program.save(str(path))
-    onnx.checker.check_model(str(path))
-
-
 def build_tiny_bundle(out: Path, ckpt: Path) -> Path:
-    """Export the sampling graphs of `ckpt` (FP32) and write the manifest into `out`."""
-    from training.checkpoint import load_checkpoint
+    """The FP32 bundle of `ckpt` at `out`, built by lddm_export.build (no engines, no calibration)."""
+    from lddm_export.build import build_bundle, parse_options
 
-    model, raw = load_checkpoint(ckpt)
-    cfg = model.cfg
-    shapes = {"L": cfg.seq_len, "P": cfg.n_latent, "D": cfg.latent_dim, "V": cfg.total_vocab,
-              "mask_id": cfg.mask_id}
-    specs = graph_specs(cfg.variant, shapes["L"], shapes["P"], shapes["D"], shapes["V"])
-    modules = graph_modules(model)
-    (out / "onnx").mkdir(parents=True, exist_ok=True)
-    graphs, files = {}, {}
-    for name in SAMPLING_GRAPHS[cfg.variant]:
-        rel = f"onnx/{name}.fp32.onnx"
-        _export(modules[name], specs[name], out / rel)
-        graphs[name] = {**specs[name].to_dict(), "onnx": {"fp32": rel}}
-        files[rel] = sha256_file(out / rel)
-    latent = ({"kind": cfg.latent_schedule, "eps": cfg.latent_eps} if cfg.has_latent else None)
-    manifest = {
-        "format": FORMAT, "version": VERSION, "variant": cfg.variant, "config": cfg.to_dict(),
-        "shapes": shapes,
-        "schedule": {"mask": {"kind": cfg.mask_schedule, "eps": cfg.mask_eps}, "latent": latent},
-        "graphs": graphs, "batch_profile": dict(BATCH_PROFILE), "opset": OPSET, "engines": [],
-        "tokenizer": raw["tokenizer"],
-        "checkpoint": {"path": str(ckpt.resolve()), "sha256": sha256_file(ckpt)},
-        "files": files, "tools": {"torch": torch.__version__, "onnx": onnx.__version__},
-    }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    return out
+    options = parse_options(precision="fp32", engines="off", calibrate=False)
+    return build_bundle(ckpt, out, options, log=lambda line: None)
 
 
 def cached_tiny_bundle(cache_dir: Path, variant: str, seed: int = 0, text: bool = False) -> Path:
@@ -115,20 +73,21 @@ def cached_tiny_bundle(cache_dir: Path, variant: str, seed: int = 0, text: bool 
 
     Bundles of older sources (other keys) are removed when a new one is built.
     """
-    key = hashlib.sha256(f"{variant}-{seed}-{text}-{sorted(TINY.items())}-{OPSET}".encode()
-                         + MODEL_SOURCE.read_bytes() + Path(__file__).read_bytes()).hexdigest()[:16]
+    key = hashlib.sha256(f"{variant}-{seed}-{text}-{sorted(TINY.items())}".encode()
+                         + b"".join(source.read_bytes() for source in SOURCES)).hexdigest()[:16]
     prefix = f"{variant}{'-text' if text else ''}-seed{seed}-"
     root = Path(cache_dir) / f"{prefix}{key}"
     if not (root / "manifest.json").is_file():
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".{variant}-"))
-        tiny_checkpoint(tmp / "model.pt", variant, seed, text)
-        build_tiny_bundle(tmp, tmp / "model.pt")
+        work = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".{variant}-"))
+        tmp = build_tiny_bundle(work / "bundle", tiny_checkpoint(work / "model.pt", variant, seed, text))
+        (work / "model.pt").rename(tmp / "model.pt")  # beside the hashed files, not among them
         _repoint_checkpoint(tmp, root / "model.pt")
         try:
             tmp.rename(root)
         except OSError:  # another process finished the same bundle first
-            shutil.rmtree(tmp, ignore_errors=True)
+            pass
+        shutil.rmtree(work, ignore_errors=True)
         for stale in Path(cache_dir).glob(f"{prefix}*"):
             if stale != root:
                 shutil.rmtree(stale, ignore_errors=True)
