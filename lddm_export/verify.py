@@ -183,13 +183,16 @@ def _brief(r: dict) -> str:
 
 # ----------------------------------------------------------------------------- level 2
 
+def _sampler(bundle: Bundle, ckpt: Path, backend: str, precision: str, device: str) -> Sampler:
+    """A sampler over active runners of one backend (the torch reference reads `ckpt`)."""
+    runners = make_runners(bundle, backend, precision, device, ckpt=ckpt if backend == "torch" else None)
+    return Sampler.from_bundle(bundle, {g: r.activate() for g, r in runners.items()})
+
+
 def verify_trajectory(bundle: Bundle, ckpt: Path, options: VerifyOptions, precision: str, log: Log) -> dict:
     """Level 2 at one precision: per-step token agreement and latent error vs the torch runtime."""
-    def sampler(backend: str, prec: str) -> Sampler:
-        runners = make_runners(bundle, backend, prec, options.device, ckpt=ckpt if backend == "torch" else None)
-        return Sampler.from_bundle(bundle, {g: r.activate() for g, r in runners.items()})
-
-    reference, tested = sampler("torch", "fp32"), sampler(options.backend, precision)
+    reference = _sampler(bundle, ckpt, "torch", "fp32", options.device)
+    tested = _sampler(bundle, ckpt, options.backend, precision, options.device)
     shapes = bundle.shapes
     latent_shape = None if bundle.variant == "mdlm" else (shapes["P"], shapes["D"])
     noise = draw_noise(options.seed, options.trajectory_samples, options.steps, shapes["L"], latent_shape)
@@ -216,8 +219,7 @@ def verify_trajectory(bundle: Bundle, ckpt: Path, options: VerifyOptions, precis
 # ----------------------------------------------------------------------------- level 3
 
 def _samples(bundle: Bundle, ckpt: Path, backend: str, precision: str, options: VerifyOptions) -> torch.Tensor:
-    runners = make_runners(bundle, backend, precision, options.device, ckpt=ckpt if backend == "torch" else None)
-    sampler = Sampler.from_bundle(bundle, {g: r.activate() for g, r in runners.items()})
+    sampler = _sampler(bundle, ckpt, backend, precision, options.device)
     latent_steps = options.latent_steps if bundle.variant == "seq" else None
     return sample_batches(sampler, options.seed, options.distribution_samples, options.batch_size,
                           options.steps, latent_steps).tokens
