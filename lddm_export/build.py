@@ -259,7 +259,7 @@ def export_bundle_graphs(model, raw: dict, ckpt: Path, ckpt_sha: str, bundle_dir
                                                       name, log)
             graphs[name]["fp16_islands"] = [d.__dict__ for d in islands.get(name, [])]
     if "fp32" not in options.precisions:
-        for name, graph in graphs.items():
+        for graph in graphs.values():
             (bundle_dir / graph["onnx"].pop("fp32")).unlink()
     return graphs
 
