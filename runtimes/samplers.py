@@ -85,9 +85,18 @@ def token_step(x_t: torch.Tensor, log_probs: torch.Tensor, u: torch.Tensor, alph
         int64 [B, L] tokens at time s: masked tokens unmasked or kept masked by the draw,
         unmasked tokens carried over unchanged.
     """
+    return bridge_draw(x_t, log_probs, u, alpha_s - alpha_t, 1 - alpha_s, mask_id, float64)
+
+
+def bridge_draw(x_t: torch.Tensor, log_probs: torch.Tensor, u: torch.Tensor, unmask_weight, stay_weight,
+                mask_id: int, float64: bool = True) -> torch.Tensor:
+    """token_step with the bridge's two weights given directly: unmask_weight = alpha_s - alpha_t
+    (to token v, times p(v)), stay_weight = 1 - alpha_s (stay masked). Python floats, or 0-d
+    float64 tensors on the device: the form torch.compile takes without recompiling every step.
+    """
     dtype = torch.float64 if float64 else torch.float32
-    q = log_probs.to(dtype).exp() * (alpha_s - alpha_t)     # unmask to token v
-    q[..., mask_id] = 1 - alpha_s                          # stay masked
+    q = log_probs.to(dtype).exp() * unmask_weight
+    q[..., mask_id] = stay_weight
     cdf = q.cumsum(-1)
     # Dividing by 1 - alpha_t normalises q; it is folded into the scaled uniform instead.
     target = (u.to(dtype) * cdf[..., -1]).unsqueeze(-1)    # (B, L, 1)
@@ -115,11 +124,17 @@ class Sampler:
         float64_draws: categorical draws in float64 (default, as the paper) or float32.
         cache: MDLM only: reuse the previous log_probs when the tokens did not change in the
             previous step (MDLM's caching); costs one scalar device-to-host sync per step.
+        compile: run the token step through torch.compile: its ~10 passes over [B, L, V]
+            (cast, exp, scale, cumsum, search) fuse into a few kernels, which matters on a GPU
+            once the graphs are fast (B = 64, V = 8193: ~1.5 ms of float64 traffic per step).
+            The two bridge weights of each step then live on the device (copied once per chain
+            length). Draws equal the eager ones except where a uniform falls within rounding of
+            a CDF boundary.
     """
 
     def __init__(self, variant: str, runners: dict[str, Runner], shapes: dict,
                  mask_schedule: MaskSchedule, latent_schedule: LatentSchedule | None,
-                 float64_draws: bool = True, cache: bool = False):
+                 float64_draws: bool = True, cache: bool = False, compile: bool = False):
         if variant not in GRAPHS:
             raise LddmError(f"variant {variant!r} has no sampler; expected one of {sorted(GRAPHS)}")
         missing = [g for g in GRAPHS[variant] if g not in runners]
@@ -134,6 +149,8 @@ class Sampler:
         self.mask_schedule, self.latent_schedule = mask_schedule, latent_schedule
         self.float64_draws, self.cache = float64_draws, cache
         self.device = runners[GRAPHS[variant][0]].device
+        self._compiled_draw = torch.compile(bridge_draw, fullgraph=True, dynamic=False) if compile else None
+        self._device_weights: dict[tuple[float, ...], tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
     def from_bundle(cls, bundle, runners: dict[str, Runner], **options) -> "Sampler":
@@ -207,7 +224,20 @@ class Sampler:
         return grid, [self.latent_schedule.alpha_sigma(t) for t in grid]
 
     def _token_step(self, x, log_probs, u, alphas, k):
-        return token_step(x, log_probs, u, alphas[k], alphas[k + 1], self.shapes["mask_id"], self.float64_draws)
+        if self._compiled_draw is None:
+            return token_step(x, log_probs, u, alphas[k], alphas[k + 1], self.shapes["mask_id"], self.float64_draws)
+        unmask, stay = self._weights_on_device(alphas)
+        return self._compiled_draw(x, log_probs, u, unmask[k], stay[k], self.shapes["mask_id"], self.float64_draws)
+
+    def _weights_on_device(self, alphas: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every step's (alpha_s - alpha_t, 1 - alpha_s) of one chain, float64 on the device, cached."""
+        key = tuple(alphas)
+        if key not in self._device_weights:
+            unmask = [a_s - a_t for a_t, a_s in zip(alphas, alphas[1:])]
+            stay = [1 - a_s for a_s in alphas[1:]]
+            self._device_weights[key] = (torch.tensor(unmask, dtype=torch.float64, device=self.device),
+                                         torch.tensor(stay, dtype=torch.float64, device=self.device))
+        return self._device_weights[key]
 
     def _mdlm(self, noise: Noise) -> Iterator[Step]:
         B, T = noise.batch, noise.token_steps

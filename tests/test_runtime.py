@@ -19,11 +19,13 @@ import torch
 from bundle_fixture import bundle_cache, built_example_bundle, cached_tiny_bundle, copy_bundle  # noqa: F401
 from runtimes.backends import make_runners
 from runtimes.bundle import Bundle
+from runtimes.compare import compare_outputs
 from runtimes.errors import BackendUnavailable, BundleError, LddmError, ShapeMismatch
 from runtimes.noise import draw_noise
 from runtimes.samplers import Sampler, ddim_step, sample_batches, token_step
 from runtimes.schedules import LatentSchedule, MaskSchedule
 from runtimes.tokenizer import TextDecoder
+from runtimes.tolerances import graph_tolerances
 from training import sampling
 from training import schedules as ref_schedules
 from training.checkpoint import load_checkpoint
@@ -305,7 +307,7 @@ def test_runner_checks_its_feed_and_state(bundle_cache):  # noqa: F811
     ("tensorflow", "fp32", "cpu", "backend 'tensorflow' is unknown; choose one of torch, ort, ort-trt, trt"),
     ("ort", "int4", "cpu", "precision 'int4' is unknown; choose one of fp32, fp16"),
     ("ort", "fp32", "gpu0", "device 'gpu0' is unknown; choose one of cpu, cuda, cuda:N"),
-    ("torch", "fp16", "cpu", "torch backend is the fp32 reference"),
+    ("torch", "fp16", "cpu", "fp16 is CUDA autocast"),
     ("trt", "fp16", "cpu", "runs on a CUDA GPU"),
 ])
 def test_make_runners_refuses_unknown_choices(bundle_cache, backend, precision, device, match):  # noqa: F811
@@ -328,6 +330,52 @@ def test_torch_backend_finds_the_checkpoint_or_refuses(bundle_cache, tmp_path): 
     tiny_checkpoint(other, "mdlm", seed=1)
     with pytest.raises(BundleError, match="sha256 differs"):
         make_runners(bundle, "torch", ckpt=other)["denoiser"].activate()
+
+
+
+def _random_feed(spec, batch: int, vocab: int, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {s.name: torch.randint(0, vocab, s.concrete_shape(batch), generator=g) if s.dtype == "int64"
+            else torch.rand(batch, generator=g) if s.name == "t"
+            else torch.randn(s.concrete_shape(batch), generator=g) for s in spec.inputs}
+
+
+def test_compiled_torch_runner_computes_what_the_eager_one_does(bundle_cache):  # noqa: F811
+    """torch.compile (inductor, here its C++ CPU backend) fuses kernels; the function stays the same.
+    The sampler's compiled token step takes its weights from the device; one compilation serves
+    every step."""
+    bundle = Bundle.open(cached_tiny_bundle(bundle_cache, "fuji"))
+    eager = make_runners(bundle, "torch", threads=1)["denoiser"].activate()
+    compiled = make_runners(bundle, "torch", compile=True)["denoiser"].activate()
+    feed = _random_feed(eager.spec, 3, bundle.shapes["V"], seed=0)
+    compare_outputs("denoiser", compiled.infer(feed), eager.infer(feed),  # raises outside the tolerance
+                    graph_tolerances("fp32", eager.spec.output_names))
+    noise = noise_for(bundle, 4)
+    torch._dynamo.utils.counters.clear()
+    ours = Sampler.from_bundle(bundle, {"denoiser": compiled}, compile=True).sample(noise)
+    ref = Sampler.from_bundle(bundle, {"denoiser": eager}).sample(noise)
+    assert (ours.tokens == ref.tokens).double().mean().item() >= TOKEN_AGREEMENT
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2  # the module and the token step
+
+
+def test_torch_fp16_autocast_meets_the_fp16_tolerances(bundle_cache):  # noqa: F811
+    """The torch backend's fp16 (autocast; CUDA in use, the runner itself runs on any device)."""
+    from runtimes.backends.torch_runner import TorchRunner
+    bundle = Bundle.open(cached_tiny_bundle(bundle_cache, "seq"))
+    for graph in bundle.graph_names:
+        fp32 = TorchRunner(bundle, graph).activate()
+        fp16 = TorchRunner(bundle, graph, precision="fp16").activate()
+        feed = _random_feed(fp32.spec, 8, bundle.shapes["V"], seed=1)
+        got, ref = fp16.infer(feed), fp32.infer(feed)
+        assert all(got[name].dtype == torch.float32 for name in got)  # the spec's dtype, not float16
+        assert any(not torch.equal(got[name], ref[name]) for name in got)  # FP16 arithmetic did happen
+        compare_outputs(graph, got, ref, graph_tolerances("fp16", fp32.spec.output_names))  # raises if outside
+
+
+def test_compile_is_refused_off_the_torch_backend(bundle_cache):  # noqa: F811
+    bundle = Bundle.open(cached_tiny_bundle(bundle_cache, "mdlm"))
+    with pytest.raises(BackendUnavailable, match="--compile applies to the torch backend only"):
+        make_runners(bundle, "ort", compile=True)
 
 
 # ----------------------------------------------------------------------------- text
@@ -356,29 +404,33 @@ def _gpu_check_module():
 
 
 def test_gpu_check_renders_the_recorded_gpu_report():
-    """The GPU run's report (CUDA-graph rows, no eager float32 timing) renders as a table."""
+    """The GPU runs' reports (RESULTS.md quotes them) render as tables."""
     from pathlib import Path
-    recorded = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "gpu_check_h100.json"
-    table = _gpu_check_module().markdown(json.loads(recorded.read_text()))
-    assert "| mdlm | 105.0 | 1 |" in table and "errors: 0" in table
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    for name in ("gpu_check_h100.json", "gpu_check_h100_run1.json"):
+        table = _gpu_check_module().markdown(json.loads((results / name).read_text()))
+        assert "| mdlm | 105.0 | 1 | compiled |" in table and "errors: 0" in table
 
 
 def test_gpu_check_dry_run_writes_its_report(tmp_path):
     gpu_check = _gpu_check_module()
-    report = gpu_check.main(["--dry-run", "--out", str(tmp_path), "--variants", "mdlm,seq", "--batches", "1,2"])
+    report = gpu_check.main(["--dry-run", "--out", str(tmp_path), "--variants", "mdlm,seq", "--batches", "1,2",
+                             "--modes", "eager,graphs"])  # the compiled modes run in tests of their own
     saved = json.loads((tmp_path / "gpu_check.json").read_text())
     assert saved["dry_run"] and [(r["variant"], r["batch"]) for r in saved["speed"]] == [
-        ("mdlm", 1), ("mdlm", 2), ("seq", 1), ("seq", 2)]
-    assert all(r["eager_ms_per_step"] > 0 and r["speedup_graphs_vs_eager"] == 1.0 for r in report["speed"])
-    assert all(r["eager_token_agreement"] == 1.0 for r in report["parity"])  # CPU vs CPU: exact
+        ("mdlm", 1), ("seq", 1), ("mdlm", 2), ("seq", 2)]  # every B = 1 row first
+    assert all(r["eager_speedup"] == 1.0 and r["graphs_ms_per_step"] > 0 for r in report["speed"])
+    assert all(r["eager_token_agreement"] == r["graphs_token_agreement"] == 1.0  # CPU vs CPU: exact
+               for r in report["parity"])
     assert report["host_copies"]["checked"] is False and report["errors"] == []
     assert "| variant |" in (tmp_path / "gpu_check.md").read_text()
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("cuda_graph", [False, True])
-def test_cuda_sampling_loop_never_synchronises(bundle, cuda_graph):
-    runners = make_runners(bundle, "torch", "fp32", "cuda", cuda_graph=cuda_graph)
+@pytest.mark.parametrize("cuda_graph,compile,precision", [
+    (False, False, "fp32"), (True, False, "fp32"), (True, True, "fp32"), (True, True, "fp16")])
+def test_cuda_sampling_loop_never_synchronises(bundle, cuda_graph, compile, precision):
+    runners = make_runners(bundle, "torch", precision, "cuda", cuda_graph=cuda_graph, compile=compile)
     for runner in runners.values():
         runner.activate()
     sampler = Sampler.from_bundle(bundle, runners)

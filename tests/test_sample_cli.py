@@ -85,7 +85,7 @@ def test_jsonl_holds_ids_and_text(capsys, tmp_path, bundle_cache):  # noqa: F811
     (("--steps", 2, "--num", 2, "--backend", "jax"), "backend 'jax' is unknown; choose one of torch, ort, ort-trt, trt"),
     (("--steps", 2, "--num", 2, "--precision", "int8"), "precision 'int8' is unknown; choose one of fp32, fp16"),
     (("--steps", 2, "--num", 2, "--device", "mps"), "device 'mps' is unknown; choose one of cpu, cuda, cuda:N"),
-    (("--steps", 2, "--num", 2, "--backend", "torch", "--precision", "fp16"), "torch backend is the fp32 reference"),
+    (("--steps", 2, "--num", 2, "--backend", "torch", "--precision", "fp16"), "fp16 is CUDA autocast"),
     (("--steps", 2, "--num", 2, "--precision", "fp16"), "has no fp16 graph"),
 ])
 def test_bad_arguments_are_refused(capsys, tmp_path, seq_bundle, args, match):

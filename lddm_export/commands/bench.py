@@ -68,7 +68,8 @@ def parse_batches(text: str) -> list[int]:
 
 
 def bench_bundle(bundle, backend: str, precision: str, device: str, batches: list[int], steps: int,
-                 latent_steps: int | None, repeat: int, threads: int | None, ckpt=None) -> list[dict]:
+                 latent_steps: int | None, repeat: int, threads: int | None, ckpt=None,
+                 cuda_graph: bool | None = None, compile: bool = False) -> list[dict]:
     """Time the runtime and the reference sampler on one bundle.
 
     Args:
@@ -77,6 +78,8 @@ def bench_bundle(bundle, backend: str, precision: str, device: str, batches: lis
         batches: batch sizes B; steps: T_x; latent_steps: T_y (seq; None defaults to steps).
         repeat: timed calls per measurement (median reported); threads: CPU threads, or None.
         ckpt: an explicit checkpoint for the reference, or None for the manifest's.
+        cuda_graph: the runners' CUDA-graph option (as for make_runners).
+        compile: torch.compile the sampler's token step, and the modules of the torch backend.
     Returns:
         one row per batch: {"variant", "backend", "precision", "device", "batch", "steps",
         "runtime_ms_per_step", "runtime_samples_per_s", "reference_ms_per_step",
@@ -102,10 +105,10 @@ def bench_bundle(bundle, backend: str, precision: str, device: str, batches: lis
         raise LddmError(f"--batch {max(batches)} is above the bundle's batch profile maximum {max_batch}; "
                         f"bench batches <= {max_batch} or rebuild with a larger --batch")
     runners = make_runners(bundle, backend, precision, device, ckpt=ckpt, graphs=list(GRAPHS[variant]),
-                           threads=threads)
+                           threads=threads, cuda_graph=cuda_graph, compile=compile and backend == "torch")
     for runner in runners.values():
         runner.activate()
-    sampler = Sampler.from_bundle(bundle, runners)
+    sampler = Sampler.from_bundle(bundle, runners, compile=compile)
     model, _ = load_checkpoint(CheckpointModules(bundle, ckpt).checkpoint_path())
     model = model.to(device)
     reference = {"mdlm": lambda d: sampling.sample_mdlm(model, d, steps),
@@ -128,7 +131,7 @@ def bench_bundle(bundle, backend: str, precision: str, device: str, batches: lis
         t_runtime, t_reference = paired_median_seconds(run_runtime, run_reference, repeat)
         timed = {name: TimedRunner(runner, sync) for name, runner in runners.items()}
         start = time.perf_counter()
-        Sampler.from_bundle(bundle, timed).sample(noise, latent_steps)
+        Sampler.from_bundle(bundle, timed, compile=compile).sample(noise, latent_steps)
         sync()
         t_total, t_graphs = time.perf_counter() - start, sum(r.seconds for r in timed.values())
         rows.append({"variant": variant, "backend": backend, "precision": precision, "device": device,
@@ -166,9 +169,12 @@ def format_table(rows: list[dict]) -> str:
 @click.option("--repeat", type=int, default=5, show_default=True, help="timed calls per measurement (median)")
 @click.option("--threads", type=int, default=None, help="CPU threads for torch and onnxruntime")
 @click.option("--ckpt", default=None, help="the bundle's model.pt, when not at the recorded path")
+@click.option("--cuda-graph/--no-cuda-graph", default=None, help="torch/trt on CUDA: replay CUDA graphs")
+@click.option("--compile", "compile_", is_flag=True,
+              help="torch.compile the sampler's token step (and the torch backend's modules)")
 @click.option("--json", "json_path", default=None, help="also write the rows as JSON to this file")
 def command(bundle_dir, backend, precision, device, batch_text, steps, latent_steps, repeat, threads, ckpt,
-            json_path):
+            cuda_graph, compile_, json_path):
     """Time the sampling loop per step: the runtime vs the torch eager reference sampler."""
     from runtimes.backends import check_choice
     from runtimes.bundle import Bundle
@@ -180,7 +186,8 @@ def command(bundle_dir, backend, precision, device, batch_text, steps, latent_st
     batches = parse_batches(batch_text)
     check_choice(backend, precision, device)
     bundle = Bundle.open(bundle_dir)
-    rows = bench_bundle(bundle, backend, precision, device, batches, steps, latent_steps, repeat, threads, ckpt)
+    rows = bench_bundle(bundle, backend, precision, device, batches, steps, latent_steps, repeat, threads, ckpt,
+                        cuda_graph, compile_)
     click.echo(format_table(rows))
     if json_path:
         with open(json_path, "w") as f:

@@ -78,9 +78,11 @@ def write_atomic(out: Path, tokens: np.ndarray, texts: list[str | None]) -> None
 @click.option("--float32-draws", is_flag=True, help="categorical draws in float32 instead of float64")
 @click.option("--cache", is_flag=True, help="mdlm: reuse log_probs when the tokens did not change")
 @click.option("--cuda-graph/--no-cuda-graph", default=None, help="torch/trt on CUDA: replay CUDA graphs")
+@click.option("--compile", "compile_", is_flag=True,
+              help="torch.compile the sampler's token step (and the torch backend's modules)")
 @click.option("--threads", type=int, default=None, help="ort on the CPU: intra-op threads per graph")
 def command(bundle_dir, backend, precision, device, steps, latent_steps, num, batch_size, seed, out, ckpt,
-            float32_draws, cache, cuda_graph, threads):
+            float32_draws, cache, cuda_graph, compile_, threads):
     """Sample token ids (and text) from a bundle."""
     from tqdm import tqdm
 
@@ -105,10 +107,11 @@ def command(bundle_dir, backend, precision, device, steps, latent_steps, num, ba
                             f"use --batch-size <= {max_batch} or rebuild with a larger --batch MIN,OPT,MAX")
     decoder = TextDecoder(bundle.manifest["tokenizer"])
     runners = make_runners(bundle, backend, precision, device, ckpt=ckpt,
-                           graphs=list(GRAPHS[bundle.variant]), cuda_graph=cuda_graph, threads=threads)
+                           graphs=list(GRAPHS[bundle.variant]), cuda_graph=cuda_graph, threads=threads,
+                           compile=compile_ and backend == "torch")
     for runner in runners.values():
         runner.activate()
-    sampler = Sampler.from_bundle(bundle, runners, float64_draws=not float32_draws, cache=cache)
+    sampler = Sampler.from_bundle(bundle, runners, float64_draws=not float32_draws, cache=cache, compile=compile_)
     n_batches = -(-num // batch_size)
     with tqdm(total=n_batches * (steps + (latent_steps or 0)), desc=f"sample {bundle.variant} ({backend})",
               unit="step", leave=False) as bar:

@@ -4,7 +4,8 @@
 
 Backends (each imported only when chosen, so a CPU machine imports this module without
 onnxruntime-gpu or tensorrt):
-    torch    the reference modules from the bundle's checkpoint (fp32; eager or CUDA graphs)
+    torch    the reference modules from the bundle's checkpoint: eager, torch.compile'd, CUDA graphs;
+             fp32, or fp16 by autocast on CUDA
     ort      ONNX Runtime: CPU provider on --device cpu, CUDA provider on --device cuda
     ort-trt  ONNX Runtime with its TensorRT execution provider (CUDA as fallback)
     trt      native TensorRT engines recorded in the manifest (CUDA only)
@@ -53,9 +54,9 @@ def check_choice(backend: str, precision: str, device: str) -> torch.device:
     if precision not in PRECISIONS:
         raise BackendUnavailable(f"precision {precision!r} is unknown; choose one of {', '.join(PRECISIONS)}")
     parsed = check_device(device)
-    if backend == "torch" and precision != "fp32":
-        raise BackendUnavailable(f"the torch backend is the fp32 reference, got --precision {precision}; "
-                                 f"use --backend ort or trt for fp16")
+    if backend == "torch" and precision == "fp16" and parsed.type != "cuda":
+        raise BackendUnavailable(f"the torch backend's fp16 is CUDA autocast, got --device {device}; "
+                                 f"use --device cuda, or --backend ort for fp16 on the CPU")
     if backend in ("trt", "ort-trt") and parsed.type != "cuda":
         raise BackendUnavailable(f"the {backend} backend runs on a CUDA GPU, got --device {device}; "
                                  f"use --device cuda, or --backend ort on the CPU")
@@ -64,7 +65,8 @@ def check_choice(backend: str, precision: str, device: str) -> torch.device:
 
 def make_runners(bundle: Bundle, backend: str, precision: str = "fp32", device: str = "cpu",
                  ckpt: str | Path | None = None, graphs: list[str] | None = None,
-                 cuda_graph: bool | None = None, threads: int | None = None) -> dict[str, Runner]:
+                 cuda_graph: bool | None = None, threads: int | None = None,
+                 compile: bool = False) -> dict[str, Runner]:
     """One (inactive) Runner per graph of the bundle.
 
     Args:
@@ -74,19 +76,22 @@ def make_runners(bundle: Bundle, backend: str, precision: str = "fp32", device: 
         graphs: the graphs to make runners for; None for every graph of the bundle.
         cuda_graph: replay CUDA graphs (torch default off, trt default on); None for the default.
         threads: ort on the CPU: intra-op threads per session (None: onnxruntime's default).
+        compile: torch backend only: torch.compile the modules (inside the CUDA graph, if any).
     Returns:
         graph name -> Runner; activate them (or use them as context managers) before infer().
     Raises:
         BackendUnavailable: an unknown backend/precision/device, or one this machine lacks.
     """
     parsed = check_choice(backend, precision, device)
+    if compile and backend != "torch":
+        raise BackendUnavailable(f"--compile applies to the torch backend only, got --backend {backend}; drop it")
     graphs = bundle.graph_names if graphs is None else graphs
     max_batch = bundle.manifest["batch_profile"]["max"]
     if backend == "torch":
         from runtimes.backends.torch_runner import CheckpointModules, TorchRunner
         modules = CheckpointModules(bundle, ckpt)
         return {g: TorchRunner(bundle, g, str(parsed), modules, use_cuda_graph=bool(cuda_graph),
-                               max_batch=max_batch) for g in graphs}
+                               max_batch=max_batch, precision=precision, compile=compile) for g in graphs}
     if backend in ("ort", "ort-trt"):
         from runtimes.backends.ort_runner import OrtRunner
         provider = "tensorrt" if backend == "ort-trt" else None

@@ -7,7 +7,15 @@ runtime without training/ still imports this module.
 
 On a GPU, `use_cuda_graph=True` captures one CUDA graph per batch size (static input and
 output buffers, captured on first use) and replays it: one launch per call instead of one per
-kernel, which is what makes small batches fast.
+kernel, which is what makes small batches fast. `compile=True` runs the module through
+torch.compile (inductor, static shapes, no graph breaks) first, so the graph that is captured
+holds fused kernels (norm + modulation, rotary, residual gating) instead of one kernel per
+elementwise op: at batch 1 the step is bound by the number of kernels, not by arithmetic.
+
+precision "fp16" runs the same modules under torch.autocast(float16): matmuls and attention in
+FP16, norms, softmax and the log-softmax head in FP32 (the model computes those in FP32
+itself), outputs returned in the spec's FP32. It is torch's counterpart of the bundle's mixed
+FP16 graph, not a copy of its islands.
 """
 from __future__ import annotations
 
@@ -20,7 +28,7 @@ from runtimes.bundle import Bundle, sha256_file
 from runtimes.errors import BackendUnavailable, BundleError
 from runtimes.spec import torch_dtype
 
-WARMUP_CALLS = 3  # eager calls on a side stream before capture (cuBLAS/cuDNN workspaces, lazy init)
+WARMUP_CALLS = 3  # calls on a side stream before capture (cuBLAS workspaces, lazy init, compilation)
 
 
 class CheckpointModules:
@@ -84,35 +92,42 @@ class TorchRunner(Runner):
             The returned tensors are then the graph's static output buffers, overwritten by the
             next call at the same batch size: clone what must outlive it.
         max_batch: the largest batch accepted (the bundle's batch profile), or None.
+        precision: "fp32", or "fp16" (autocast).
+        compile: run the module through torch.compile (compiled once per batch size, on first use).
     """
 
     backend = "torch"
 
     def __init__(self, bundle: Bundle, graph: str, device: str = "cpu",
                  modules: CheckpointModules | None = None, ckpt: str | Path | None = None,
-                 use_cuda_graph: bool = False, max_batch: int | None = None):
+                 use_cuda_graph: bool = False, max_batch: int | None = None, precision: str = "fp32",
+                 compile: bool = False):
         super().__init__(bundle.spec(graph), device, max_batch)
         if use_cuda_graph and self.device.type != "cuda":
             raise BackendUnavailable(f"CUDA graphs need a CUDA device, got --device {device}; "
                                      f"use --device cuda or turn CUDA graphs off")
         self.graph = graph
         self.modules = modules or CheckpointModules(bundle, ckpt)
-        self.use_cuda_graph = use_cuda_graph
+        self.use_cuda_graph, self.compile = use_cuda_graph, compile
+        self.autocast = torch.autocast(self.device.type, dtype=torch.float16, enabled=precision == "fp16")
+        self._out_dtypes = {s.name: torch_dtype(s.dtype) for s in self.spec.outputs}
         self._module: torch.nn.Module | None = None
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict, dict]] = {}
 
     def _activate_impl(self) -> None:
-        self._module = self.modules()[self.graph].to(self.device).eval()
+        module = self.modules()[self.graph].to(self.device).eval()
+        self._module = torch.compile(module, fullgraph=True, dynamic=False) if self.compile else module
 
     def _deactivate_impl(self) -> None:
         self._module, self._graphs = None, {}
 
     @torch.inference_mode()
     def _run_module(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        outputs = self._module(*(feed[name] for name in self.spec.input_names))
+        with self.autocast:
+            outputs = self._module(*(feed[name] for name in self.spec.input_names))
         if isinstance(outputs, torch.Tensor):
             outputs = (outputs,)
-        return dict(zip(self.spec.output_names, outputs))
+        return {name: out.to(self._out_dtypes[name]) for name, out in zip(self.spec.output_names, outputs)}
 
     def _infer_impl(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         feed = {name: x.to(self.device) for name, x in feed.items()}
