@@ -10,13 +10,23 @@ modules, same draws, same thread count. Then, per example, the trajectory parity
 and FP16 against the torch backend (which is the reference token for token) at B = 64: token
 agreement per step and the max abs error of y0_hat. Prints the markdown tables recorded in
 RESULTS.md. Target: the runtime >= 2x the reference's samples/s at B = 1 and 32.
+
+To show how far from this CPU's arithmetic limit both sides are, each row also gives the
+matmul GFLOP/s of the runtime and of the reference: the MatMul/Gemm FLOPs of one network
+evaluation (counted in the FP32 ONNX graph at that batch, 2 * M * N * K per node, after
+shape inference) times the evaluations per step, over the time per step; and the ceiling is
+this core's own float32 GEMM rate (torch, 1024^3, the thread count given).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
+
+import onnx
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -39,6 +49,49 @@ def example_bundle(ckpt: Path, bundles: Path) -> Bundle:
     if not (old and old["checkpoint"]["sha256"] == sha256_file(ckpt) and old["opset"] == DEFAULT_OPSET):
         build_bundle(ckpt, out, parse_options("fp32,fp16", engines="off", force=True), log=lambda line: None)
     return Bundle.open(out)
+
+
+def matmul_flops(path: Path, batch: int) -> int:
+    """FLOPs of every MatMul and Gemm of an ONNX graph at batch `batch` (2 * output elements * K)."""
+    model = onnx.load(str(path))
+    for value in list(model.graph.input) + list(model.graph.output):
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param:  # the batch axis, the only symbolic one (DESIGN)
+                dim.dim_value = batch
+    del model.graph.value_info[:]
+    model = onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)}
+    shapes.update({init.name: list(init.dims) for init in model.graph.initializer})
+    total = 0
+    for node in model.graph.node:
+        if node.op_type not in ("MatMul", "Gemm"):
+            continue
+        a, out = shapes.get(node.input[0]), shapes.get(node.output[0])
+        if not a or not out or 0 in a + out:
+            raise ValueError(f"{path}: shape inference left {node.op_type} {node.name} without static shapes")
+        trans_a = any(attr.name == "transA" and attr.i for attr in node.attribute)
+        total += 2 * int(torch.tensor(out).prod()) * (a[-2] if trans_a else a[-1])
+    return total
+
+
+def step_flops(bundle: Bundle, batch: int) -> float:
+    """Matmul FLOPs of one sampling step: one evaluation of the graph each step uses (seq: the mean
+    of a latent and a token step, which the benchmark runs equally often)."""
+    flops = [matmul_flops(bundle.onnx_path(g, "fp32"), batch) for g in GRAPHS[bundle.variant]]
+    return sum(flops) / len(flops)
+
+
+def gemm_ceiling_gflops(threads: int, n: int = 1024, repeat: int = 20) -> float:
+    """This machine's float32 GEMM rate on `threads` threads (torch, n x n x n, median of `repeat`)."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    times = []
+    for _ in range(repeat + 3):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * n ** 3 / sorted(times[3:])[repeat // 2] / 1e9
 
 
 def trajectory_parity(bundle: Bundle, precision: str, batch: int, steps: int, threads: int) -> dict:
@@ -80,12 +133,26 @@ def main(argv: list[str] | None = None) -> list[dict]:
         sys.exit(f"runtime_bench: no examples/sawtooth-*.pt under {args.examples}; train them first (examples/README.md)")
     batches = [int(b) for b in args.batches.split(",")]
     rows, parity = [], []
+    ceiling = gemm_ceiling_gflops(args.threads)
     for ckpt in examples:
         bundle = example_bundle(ckpt, args.bundles)
-        rows += bench_bundle(bundle, "ort", "fp32", "cpu", batches, args.steps, None, args.repeat, args.threads)
-        print(format_table(rows[-len(batches):]).splitlines()[-1], flush=True)
+        new = bench_bundle(bundle, "ort", "fp32", "cpu", batches, args.steps, None, args.repeat, args.threads)
+        for row in new:
+            gflop = step_flops(bundle, row["batch"]) / 1e9
+            row["matmul_gflop_per_step"] = gflop
+            row["runtime_gflops"] = gflop / (row["runtime_ms_per_step"] / 1e3)
+            row["reference_gflops"] = gflop / (row["reference_ms_per_step"] / 1e3)
+        rows += new
+        print(format_table(new).splitlines()[-1], flush=True)
         parity += [trajectory_parity(bundle, p, 64, args.steps, args.threads) for p in ("fp32", "fp16")]
     print(format_table(rows))
+    print(f"\nfloat32 GEMM ceiling of this CPU on {args.threads} thread(s): {ceiling:.1f} GFLOP/s\n\n"
+          "| variant | batch | matmul GFLOP per step | runtime GFLOP/s | torch eager GFLOP/s | "
+          "runtime / ceiling | needed for 2x / ceiling |\n|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['variant']} | {r['batch']} | {r['matmul_gflop_per_step']:.4f} | {r['runtime_gflops']:.1f} | "
+              f"{r['reference_gflops']:.1f} | {r['runtime_gflops'] / ceiling:.0%} | "
+              f"{2 * r['reference_gflops'] / ceiling:.0%} |")
     print("\n| variant | ORT precision | B | steps | final token agreement | min per-step agreement | "
           "max per-step y0_hat abs err |\n|---|---|---:|---:|---:|---:|---:|")
     for p in parity:
@@ -93,7 +160,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"| {p['variant']} | {p['precision']} | {p['batch']} | {p['steps']} | {p['final_token_agreement']:.5f} | "
               f"{p['min_step_token_agreement']:.5f} | {err} |")
     if args.json:
-        args.json.write_text(json.dumps({"speed": rows, "trajectory_parity": parity}, indent=2))
+        args.json.write_text(json.dumps({"speed": rows, "gemm_ceiling_gflops": ceiling,
+                                         "trajectory_parity": parity}, indent=2))
     return rows
 
 

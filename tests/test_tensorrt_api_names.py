@@ -111,9 +111,13 @@ def _pypi_reachable() -> bool:
 
 
 @pytest.fixture(scope="module")
-def bindings(request) -> dict[str, tuple[bytes, str]]:
-    """version -> (tensorrt.so bytes, __init__.py text), wheels cached in pytest's cache dir."""
-    cache = Path(request.config.cache.mkdir("tensorrt-cu12-bindings"))
+def bindings(request, tmp_path_factory) -> dict[str, tuple[bytes, str]]:
+    """version -> (tensorrt.so bytes, __init__.py text), wheels cached in pytest's cache dir
+    (in a temporary one when the cache plugin is off, `-p no:cacheprovider`)."""
+    if hasattr(request.config, "cache"):
+        cache = Path(request.config.cache.mkdir("tensorrt-cu12-bindings"))
+    else:
+        cache = tmp_path_factory.mktemp("tensorrt-cu12-bindings")
     out = {}
     for version in WHEELS:
         found = sorted(cache.glob(f"tensorrt_cu12_bindings-{version}-*.whl"))

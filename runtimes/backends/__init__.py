@@ -79,6 +79,9 @@ def make_runners(bundle: Bundle, backend: str, precision: str = "fp32", device: 
         compile: torch backend only: torch.compile the modules (inside the CUDA graph, if any).
     Returns:
         graph name -> Runner; activate them (or use them as context managers) before infer().
+        With CUDA graphs (torch) and on trt, infer() returns the runner's own output buffers,
+        overwritten by its next call at the same batch size (no [B, L, V] copy per step; the
+        samplers clone what they keep): clone outputs that must outlive the next call.
     Raises:
         BackendUnavailable: an unknown backend/precision/device, or one this machine lacks.
     """
@@ -97,5 +100,5 @@ def make_runners(bundle: Bundle, backend: str, precision: str = "fp32", device: 
         provider = "tensorrt" if backend == "ort-trt" else None
         return {g: OrtRunner(bundle, g, precision, str(parsed), provider, max_batch, threads) for g in graphs}
     from runtimes.backends.trt_runner import TrtRunner
-    return {g: TrtRunner(bundle, g, precision, str(parsed), use_cuda_graph=cuda_graph is not False)
-            for g in graphs}
+    return {g: TrtRunner(bundle, g, precision, str(parsed), use_cuda_graph=cuda_graph is not False,
+                         clone_outputs=False) for g in graphs}
