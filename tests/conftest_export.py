@@ -8,7 +8,6 @@ outputs would be uniform and could not expose an export error).
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import onnx
 import onnxruntime as ort
@@ -17,7 +16,6 @@ import torch
 from lddm_export.build import DEFAULT_OPSET
 from lddm_export.export import sample_inputs
 from runtimes.spec import graph_specs
-from training.checkpoint import save_checkpoint
 from training.config import PRESETS, ModelConfig
 from training.model import LDDM, graph_modules
 
@@ -35,12 +33,6 @@ def random_model(variant: str, seed: int = 0, std: float = 0.2) -> LDDM:
         for p in model.parameters():
             p.normal_(0.0, std)
     return model
-
-
-def tiny_checkpoint(path: Path, variant: str = "mdlm", seed: int = 0) -> Path:
-    """Save random_model(variant, seed) as an lddm checkpoint."""
-    save_checkpoint(path, random_model(variant, seed), tokenizer=None, train={"steps": 0, "note": "random test weights"})
-    return path
 
 
 @functools.lru_cache(maxsize=None)

@@ -19,7 +19,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest_export import tiny_checkpoint
+from bundle_fixture import tiny_checkpoint
 from lddm_export import build
 from lddm_export.cli import cli, main
 from lddm_export.commands.doctor import jetpack_release
@@ -74,7 +74,7 @@ def test_bundle_layout_and_manifest(bundle, ckpt):
         "manifest.json", "onnx/denoiser.fp16.onnx", "onnx/denoiser.fp32.onnx"]
     assert m["files"] == {rel: sha256_file(bundle / rel) for rel in ("onnx/denoiser.fp16.onnx", "onnx/denoiser.fp32.onnx")}
     assert m["checkpoint"] == {"path": str(ckpt.resolve()), "sha256": sha256_file(ckpt)}
-    assert m["shapes"] == {"L": 16, "P": 3, "D": 4, "V": 6, "mask_id": 5}
+    assert m["shapes"] == {"L": 16, "P": 2, "D": 4, "V": 6, "mask_id": 5}
     assert m["schedule"] == {"mask": {"kind": "loglinear", "eps": 0.001}, "latent": {"kind": "sqrt", "eps": 0.0001}}
     assert m["batch_profile"] == {"min": 1, "opt": 4, "max": 16} and m["opset"] == build.DEFAULT_OPSET and m["engines"] == []
     assert m["tokenizer"] is None and m["config"]["variant"] == "mdlm"
@@ -353,7 +353,7 @@ def test_engines_are_built_hashed_and_listed(workdir, ckpt):
 def test_inspect_shows_the_manifest(bundle):
     result = CliRunner().invoke(cli, ["inspect", str(bundle)])
     assert result.exit_code == 0, result.output
-    for text in ("L=16 P=3 D=4 V=6 mask_id=5", "x_t int64[B,16], t float32[B]",
+    for text in ("L=16 P=2 D=4 V=6 mask_id=5", "x_t int64[B,16], t float32[B]",
                  "log_probs float32[B,16,6]", "fp32: onnx/denoiser.fp32.onnx (", "engines: none",
                  "2 files, all match their sha256", "onnxruntime"):
         assert text in result.output, text
