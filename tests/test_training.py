@@ -11,7 +11,7 @@ from training.data import (SawtoothData, TextData, decode_ids, load_data, sample
                            sawtooth_entropy, sawtooth_probs)
 from training.losses import (T_MIN, LossOptions, compute_loss, drop_latent, lambda_y_at,
                              mask_tokens, sample_times)
-from training.model import LDDM
+from training.model import LDDM, Rotary
 from training.trainer import TrainConfig, resume_path, train
 
 L = 16
@@ -132,6 +132,17 @@ def test_ar_loss_predicts_each_token_from_the_ones_before():
     assert torch.equal(seen["x"][:, 1:], x0[:, :-1]) and torch.equal(seen["t"], torch.zeros(3))
     # The zero-initialised head predicts uniformly over the two data tokens at first.
     assert terms.loss_x == pytest.approx(torch.log(torch.tensor(2.0)).item(), abs=1e-4)
+
+
+def test_rotary_rotates_each_pair_of_halves_by_its_position_angle():
+    head_dim, n = 8, 5
+    x = torch.randn(3, 4, n, head_dim)  # (B, H, N, head_dim)
+    x1, x2 = x.chunk(2, dim=-1)
+    inv_freq = 1.0 / 10000.0 ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    angles = torch.arange(n).float()[:, None] * inv_freq
+    cos, sin = angles.cos(), angles.sin()
+    textbook = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    assert torch.equal(Rotary(head_dim, n)(x), textbook)  # bit for bit: the same roundings
 
 
 def fit_fixed_batch(variant: str, stage: int, steps: int = 25) -> list[tuple[float, float]]:
