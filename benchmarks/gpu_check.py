@@ -333,12 +333,15 @@ def main(argv: list[str] | None = None) -> dict:
     graphed = [m for m in modes if MODES[m].cuda_graph] or modes
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        speed_rows = [(v, b) for b in batches[:1] for v in variants]
-        later_rows = [(v, b) for b in batches[1:] for v in variants]
-        for v, b in speed_rows:
-            if within_budget(f"speed {v} B={b}"):
-                report["speed"] += section(lambda: [speed(v, cfg, work, device, b, modes, steps, args.repeat)], [])
-                save()
+        def speed_rows(batch_sizes: list[int]) -> None:
+            for b in batch_sizes:
+                for v in variants:
+                    if within_budget(f"speed {v} B={b}"):
+                        report["speed"] += section(lambda: [speed(v, cfg, work, device, b, modes, steps,
+                                                                  args.repeat)], [])
+                        save()
+
+        speed_rows(batches[:1])
         if within_budget("parity"):
             report["parity"] = section(lambda: parity(examples[:1] if args.dry_run else examples, work, device, modes,
                                                       4 if args.dry_run else 8, 4 if args.dry_run else 64), [])
@@ -347,10 +350,7 @@ def main(argv: list[str] | None = None) -> dict:
             report["host_copies"] = section(lambda: host_copies(variants[0], cfg, work, device, graphed[-1],
                                                                 max(batches), steps), {"checked": True, "ok": False})
             save()
-        for v, b in later_rows:
-            if within_budget(f"speed {v} B={b}"):
-                report["speed"] += section(lambda: [speed(v, cfg, work, device, b, modes, steps, args.repeat)], [])
-                save()
+        speed_rows(batches[1:])
     report["wall_s"] = time.perf_counter() - began
     save()
     table = markdown(report)
