@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -71,7 +72,7 @@ def matmul_flops(path: Path, batch: int) -> int:
         if not a or not out or 0 in a + out:
             raise ValueError(f"{path}: shape inference left {node.op_type} {node.name} without static shapes")
         trans_a = any(attr.name == "transA" and attr.i for attr in node.attribute)
-        total += 2 * int(torch.tensor(out).prod()) * (a[-2] if trans_a else a[-1])
+        total += 2 * math.prod(out) * (a[-2] if trans_a else a[-1])
     return total
 
 
