@@ -334,10 +334,8 @@ def test_torch_backend_finds_the_checkpoint_or_refuses(bundle_cache, tmp_path): 
 
 
 def _random_feed(spec, batch: int, vocab: int, seed: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {s.name: torch.randint(0, vocab, s.concrete_shape(batch), generator=g) if s.dtype == "int64"
-            else torch.rand(batch, generator=g) if s.name == "t"
-            else torch.randn(s.concrete_shape(batch), generator=g) for s in spec.inputs}
+    from lddm_export.export import sample_inputs
+    return dict(zip(spec.input_names, sample_inputs(spec, batch, vocab, torch.Generator().manual_seed(seed))))
 
 
 def test_compiled_torch_runner_computes_what_the_eager_one_does(bundle_cache):  # noqa: F811
