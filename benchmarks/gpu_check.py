@@ -42,8 +42,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from lddm_export.manifest import new_manifest  # noqa: E402
 from runtimes.backends.torch_runner import CheckpointModules, TorchRunner  # noqa: E402
-from runtimes.bundle import FORMAT, VERSION, Bundle, sha256_file  # noqa: E402
+from runtimes.bundle import Bundle, sha256_file  # noqa: E402
 from runtimes.noise import draw_noise  # noqa: E402
 from runtimes.samplers import GRAPHS, Sampler  # noqa: E402
 from runtimes.spec import graph_specs  # noqa: E402
@@ -62,16 +63,9 @@ def checkpoint_bundle(ckpt: Path, out: Path) -> Bundle:
     model, raw = load_checkpoint(ckpt)
     cfg = model.cfg
     specs = graph_specs(cfg.variant, cfg.seq_len, cfg.n_latent, cfg.latent_dim, cfg.total_vocab)
-    manifest = {
-        "format": FORMAT, "version": VERSION, "variant": cfg.variant, "config": cfg.to_dict(),
-        "shapes": {"L": cfg.seq_len, "P": cfg.n_latent, "D": cfg.latent_dim, "V": cfg.total_vocab,
-                   "mask_id": cfg.mask_id},
-        "schedule": {"mask": {"kind": cfg.mask_schedule, "eps": cfg.mask_eps},
-                     "latent": {"kind": cfg.latent_schedule, "eps": cfg.latent_eps}},
-        "graphs": {name: {**spec.to_dict(), "onnx": {}} for name, spec in specs.items()},
-        "batch_profile": {"min": 1, "opt": 8, "max": 64}, "opset": 18, "engines": [],
-        "tokenizer": raw["tokenizer"], "checkpoint": {"path": str(ckpt.resolve()), "sha256": sha256_file(ckpt)},
-        "files": {}, "tools": {"torch": torch.__version__}}
+    graphs = {name: {**spec.to_dict(), "onnx": {}} for name, spec in specs.items()}
+    manifest = new_manifest(raw["config"], raw["tokenizer"], raw["train"].get("data"), ckpt, sha256_file(ckpt),
+                            graphs, {"min": 1, "opt": 8, "max": 64}, opset=18)
     out.mkdir(parents=True, exist_ok=True)
     (out / "manifest.json").write_text(json.dumps(manifest))
     return Bundle.open(out)

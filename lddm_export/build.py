@@ -164,7 +164,7 @@ def build_bundle(ckpt: str | Path, out: str | Path | None = None, options: Build
                         "tools": {**reusable["tools"], **manifests.tool_versions()}}
         else:
             graphs = export_bundle_graphs(model, raw, ckpt, ckpt_sha, tmp, options, log)
-            manifest = manifests.new_manifest(raw["config"], raw["tokenizer"], ckpt, ckpt_sha, graphs,
+            manifest = manifests.new_manifest(raw["config"], raw["tokenizer"], raw["train"].get("data"), ckpt, ckpt_sha, graphs,
                                               options.profile, options.opset)
             manifest["fp16_calibration"] = options.calibrate and "fp16" in options.precisions
         if engines:
@@ -274,7 +274,7 @@ def _calibrated_islands(raw: dict, ckpt: Path, ckpt_sha: str, graphs: dict, bund
     from runtimes.bundle import Bundle
 
     started = time.perf_counter()
-    provisional = manifests.new_manifest(raw["config"], raw["tokenizer"], ckpt, ckpt_sha, graphs,
+    provisional = manifests.new_manifest(raw["config"], raw["tokenizer"], raw["train"].get("data"), ckpt, ckpt_sha, graphs,
                                          options.profile, options.opset)
     islands = calibrate_bundle_islands(Bundle(bundle_dir, provisional), log)
     log(f"[calibrate] done in {time.perf_counter() - started:.1f} s")

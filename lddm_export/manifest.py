@@ -42,13 +42,15 @@ def export_tools(tools: dict) -> dict:
     return {k: v for k, v in tools.items() if TOOLS.get(k.replace("_", "-"), False)}
 
 
-def new_manifest(config: dict, tokenizer: dict | None, checkpoint_path: Path, checkpoint_sha256: str,
+def new_manifest(config: dict, tokenizer: dict | None, data: str | None, checkpoint_path: Path, checkpoint_sha256: str,
                  graphs: dict, batch_profile: dict, opset: int) -> dict:
     """The manifest of a freshly exported bundle (no engines yet, files table empty).
 
     Args:
         config: the checkpoint's config dict (training.config.ModelConfig.to_dict()).
         tokenizer: the checkpoint's tokenizer entry, or None.
+        data: what the model was trained on (the checkpoint's train["data"]: "sawtooth",
+            "text:PATH", "lm1b"), or None when the checkpoint does not say.
         checkpoint_path: the checkpoint file (recorded as an absolute path).
         checkpoint_sha256: its sha256.
         graphs: graph name -> {"inputs", "outputs", "onnx": {precision: relative path}}.
@@ -70,6 +72,7 @@ def new_manifest(config: dict, tokenizer: dict | None, checkpoint_path: Path, ch
         "opset": opset,
         "engines": [],
         "tokenizer": tokenizer,
+        "data": data,
         "checkpoint": {"path": str(Path(checkpoint_path).resolve()), "sha256": checkpoint_sha256},
         "files": {},
         "tools": tool_versions(),

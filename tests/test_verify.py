@@ -116,3 +116,42 @@ def test_cli_exit_code_and_message(bundle_copy):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1
     assert "token_denoiser.log_probs" in result.stderr and "Traceback" not in result.stderr
+
+
+# ----------------------------------------------------------------------------- text bundles
+
+@pytest.fixture(scope="module")
+def text_built(tmp_path_factory):
+    """A tiny FUJI text bundle (BPE tokenizer), its checkpoint and an AR evaluator of the same tokenizer."""
+    root = tmp_path_factory.mktemp("verify-text")
+    ckpt = tiny_checkpoint(root / "model.pt", "fuji", text=True)
+    evaluator = tiny_checkpoint(root / "ar.pt", "ar", text=True)
+    bundle = build_bundle(ckpt, root / "bundle", parse_options(engines="off"), log=lambda line: None)
+    return bundle, ckpt, evaluator
+
+
+def test_text_bundle_is_judged_by_generative_perplexity(text_built):
+    bundle, ckpt, evaluator = text_built
+    options = VerifyOptions(**{**FAST.__dict__, "evaluator": str(evaluator)})
+    report = verify_bundle(bundle, ckpt, options, log=lambda line: None)
+    metrics = report["distribution"]["metrics"]
+    assert set(metrics) == {"gen_ppl", "unigram_entropy"} and report["passed"]
+    assert metrics["gen_ppl"]["margin"] == 0.02 and metrics["gen_ppl"]["reference"] > 1.0
+    assert set(metrics["gen_ppl"]["precisions"]) == {"fp32", "fp16"}
+
+
+def test_text_bundle_needs_an_ar_evaluator_of_its_tokenizer(text_built, tmp_path):
+    bundle, ckpt, evaluator = text_built
+
+    def verify_with(path):
+        options = VerifyOptions(**{**FAST.__dict__, "evaluator": None if path is None else str(path)})
+        verify_bundle(bundle, ckpt, options, log=lambda line: None)
+
+    with pytest.raises(BundleError, match="holds a text model; pass --evaluator"):
+        verify_with(None)
+    with pytest.raises(BundleError, match="is a fuji model, not an AR model"):
+        verify_with(ckpt)
+    with pytest.raises(BundleError, match="uses another tokenizer"):
+        verify_with(tiny_checkpoint(tmp_path / "ar-no-tokenizer.pt", "ar"))
+    with pytest.raises(BundleError, match="scores sequences of 8 tokens"):
+        verify_with(tiny_checkpoint(tmp_path / "ar-short.pt", "ar", text=True, seq_len=8))

@@ -37,10 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, required=True)
     p.add_argument("--out", required=True, help="checkpoint path; the resume file is <out>.resume.pt")
     g = p.add_argument_group("model")
-    g.add_argument("--preset", default="small", choices=sorted(PRESETS))
+    g.add_argument("--preset", default="small", choices=sorted(PRESETS),
+                   help="named model size (training/config.py); the flags below override its fields")
+    g.add_argument("--width", type=int, help="model width (default: the preset's)")
+    g.add_argument("--depth", type=int, help="denoiser blocks (default: the preset's)")
+    g.add_argument("--heads", type=int, help="attention heads; must divide --width (default: the preset's)")
     g.add_argument("--seq-len", type=int, default=128)
-    g.add_argument("--n-latent", type=int, default=4)
-    g.add_argument("--latent-dim", type=int, default=8)
+    g.add_argument("--n-latent", type=int, help="P latent slots (default: the preset's, else 4)")
+    g.add_argument("--latent-dim", type=int, help="D per latent slot (default: the preset's, else 8)")
     g.add_argument("--mask-schedule", default="loglinear", choices=("linear", "loglinear"))
     g.add_argument("--latent-schedule", default="sqrt", choices=("sqrt", "cosine"))
     g.add_argument("--no-unit-norm", action="store_true", help="do not project latents to the sphere")
@@ -89,11 +93,13 @@ def run(args: argparse.Namespace) -> dict:
         text_vocab=args.text_vocab, device=args.device)
     check_out_path(args.out)  # before the (possibly slow) data loading
     data = load_data(args.data, args.seq_len, args.tokenizer, args.text_vocab)
+    sizes = dict(PRESETS[args.preset])
+    sizes.update({k: v for k, v in (("width", args.width), ("depth", args.depth), ("heads", args.heads),
+                                     ("n_latent", args.n_latent), ("latent_dim", args.latent_dim)) if v is not None})
     model_cfg = ModelConfig(
-        variant=args.variant, vocab_size=data.vocab_size, seq_len=args.seq_len, n_latent=args.n_latent,
-        latent_dim=args.latent_dim, mask_schedule=args.mask_schedule, latent_schedule=args.latent_schedule,
-        unit_norm_latent=not args.no_unit_norm, encoder_input_corruption=args.encoder_corruption,
-        **PRESETS[args.preset])
+        variant=args.variant, vocab_size=data.vocab_size, seq_len=args.seq_len,
+        mask_schedule=args.mask_schedule, latent_schedule=args.latent_schedule,
+        unit_norm_latent=not args.no_unit_norm, encoder_input_corruption=args.encoder_corruption, **sizes)
     info = train(model_cfg, cfg, data, args.out, resume=args.resume, progress=not args.no_progress)
     losses = ", ".join(f"{k} {v:.4f}" for k, v in info["final_losses"].items())
     print(f"wrote {args.out}: {info['steps']} steps, {info['wall_time_s']:.0f} s, {losses}")

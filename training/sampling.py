@@ -18,6 +18,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 import torch
 
+from runtimes.schedules import latent_steps_for
 from training.config import ModelConfig
 from training.model import LDDM
 from training.schedules import latent_schedule, mask_schedule
@@ -267,6 +268,38 @@ def sample_seq(model: LDDM, draws: dict[str, np.ndarray], token_steps: int, late
     return Samples(x, y0)
 
 
+@torch.no_grad()
+def sample_ar(model: LDDM, seed: int, num: int, batch_size: int = 256) -> torch.Tensor:
+    """Ancestral samples of the AR reference model (the evaluator's own samples).
+
+    Token i is the inverse-CDF draw, in float64, of p(x_i | x_<i) at one uniform; batch b
+    draws its uniforms u [L, B] from numpy.random.default_rng(seed + b). No KV cache: each
+    position costs one full forward pass (the causal mask hides the positions not yet drawn).
+
+    Returns:
+        int64 [num, L] on the CPU, in the data vocabulary (the mask id is never drawn).
+    """
+    if model.cfg.variant != "ar":
+        raise ValueError(f"sample_ar needs an 'ar' model, got variant {model.cfg.variant!r}")
+    _check_positive(num=num, batch_size=batch_size)
+    model.eval()
+    cfg, device = model.cfg, next(model.parameters()).device
+    out = []
+    for b, start in enumerate(range(0, num, batch_size)):
+        B = min(batch_size, num - start)
+        u = torch.from_numpy(np.random.default_rng(seed + b).random((cfg.seq_len, B))).to(device)
+        # [BOS, x_0, .., x_{L-1}], the mask id as BOS and as the placeholder of undrawn tokens
+        seq = torch.full((B, cfg.seq_len + 1), cfg.mask_id, dtype=torch.long, device=device)
+        t = torch.zeros(B, device=device)
+        for i in range(cfg.seq_len):
+            cdf = model.denoiser(seq[:, :-1], t)[:, i].double().exp().cumsum(-1)  # (B, V)
+            drawn = torch.searchsorted(cdf, (u[i] * cdf[:, -1])[:, None]).squeeze(-1)
+            seq[:, i + 1] = drawn.clamp_max(cfg.vocab_size - 1)
+        x = seq[:, 1:]
+        out.append(x.cpu())
+    return torch.cat(out)
+
+
 # ----------------------------------------------------------------------------- convenience
 
 def sample(model: LDDM, seed: int, num: int, steps: int, latent_steps: int | None = None,
@@ -301,7 +334,7 @@ def sample(model: LDDM, seed: int, num: int, steps: int, latent_steps: int | Non
         elif variant == "fuji":
             out = sample_fuji(model, draws, steps, float64=float64)
         else:
-            out = sample_seq(model, draws, steps, latent_steps or steps, float64=float64)
+            out = sample_seq(model, draws, steps, latent_steps_for(variant, steps, latent_steps), float64=float64)
         tokens.append(out.tokens.cpu())
         if out.latent is not None:
             latents.append(out.latent.cpu())

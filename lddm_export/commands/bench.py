@@ -92,13 +92,14 @@ def bench_bundle(bundle, backend: str, precision: str, device: str, batches: lis
     from runtimes.backends.torch_runner import CheckpointModules
     from runtimes.noise import draw_noise
     from runtimes.samplers import GRAPHS, Sampler
+    from runtimes.schedules import latent_steps_for
     from training import sampling
     from training.checkpoint import load_checkpoint
 
     if threads is not None:
         torch.set_num_threads(threads)
     variant, shapes = bundle.variant, bundle.shapes
-    latent_steps = (latent_steps or steps) if variant == "seq" else None
+    latent_steps = latent_steps_for(variant, steps, latent_steps)
     n_steps = steps + (latent_steps or 0)
     max_batch = bundle.manifest["batch_profile"]["max"]
     if max(batches) > max_batch:

@@ -89,6 +89,7 @@ def command(bundle_dir, backend, precision, device, steps, latent_steps, num, ba
     from runtimes.backends import check_choice, make_runners
     from runtimes.bundle import Bundle
     from runtimes.samplers import GRAPHS, Sampler, sample_batches
+    from runtimes.schedules import latent_steps_for
     from runtimes.tokenizer import TextDecoder
 
     for name, value in (("--steps", steps), ("--num", num), ("--batch-size", batch_size),
@@ -99,7 +100,7 @@ def command(bundle_dir, backend, precision, device, steps, latent_steps, num, ba
     bundle = Bundle.open(bundle_dir)
     if latent_steps is not None and bundle.variant != "seq":
         raise LddmError(f"--latent-steps applies to seq bundles only, and {bundle_dir} is {bundle.variant}; drop it")
-    latent_steps = (latent_steps or steps) if bundle.variant == "seq" else None
+    latent_steps = latent_steps_for(bundle.variant, steps, latent_steps)
     max_batch = bundle.manifest["batch_profile"]["max"]
     batch_size = batch_size or min(num, max_batch)
     if batch_size > max_batch:
