@@ -11,6 +11,9 @@ spread over the seeds. Scale:
 Also measured: unigram entropy and SWD of float64 vs float32 categorical draws at one setting.
 
     python benchmarks/swd_vs_steps.py            # writes benchmarks/results/swd_vs_steps.{json,png}
+                                                 # and the summary results/sawtooth.{json,png}
+    python benchmarks/swd_vs_steps.py --from-json benchmarks/results/swd_vs_steps.json
+                                                 # the summary of a recorded run, without sampling
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from training.metrics import SWD_DIRECTIONS, sliced_wasserstein, unigram_entropy
 from training.sampling import sample
 
 RESULTS = Path(__file__).parent / "results"
+SUMMARY = Path(__file__).resolve().parent.parent / "results" / "sawtooth.json"
 
 
 def data_draw(n: int, seq_len: int, seed: int) -> torch.Tensor:
@@ -150,6 +154,20 @@ def table(results: dict, steps: list[int]) -> str:
     return "\n".join(lines)
 
 
+def summary(results: dict) -> dict:
+    """The headline table: {"floor": float, "<variant>": {"<steps>": {"swd", "swd_std"}}}, SWD in the floor's units."""
+    out = {"floor": results["floor"]["mean"]}
+    for variant, row in results["variants"].items():
+        out[variant] = {str(s): {"swd": v["mean"], "swd_std": v["std"]} for s, v in row["swd"].items()}
+    return out
+
+
+def write_summary(results: dict, steps: list[int], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary(results), indent=2) + "\n")
+    plot(results, steps, path.with_suffix(".png"))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--examples", default="examples", help="folder with sawtooth-{variant}.pt")
@@ -169,7 +187,16 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu", help="torch device of the models (cpu, cuda)")
     p.add_argument("--out", default=str(RESULTS / "swd_vs_steps.json"))
+    p.add_argument("--summary", default=str(SUMMARY), help="the headline table (and its plot, .png)")
+    p.add_argument("--from-json", help="write the summary of a recorded run instead of sampling")
     args = p.parse_args(argv)
+    if args.from_json:
+        results = json.loads(Path(args.from_json).read_text())
+        for row in results["variants"].values():  # JSON object keys are strings; the steps are ints
+            row["swd"] = {int(k): v for k, v in row["swd"].items()}
+        write_summary(results, results["config"]["steps"], Path(args.summary))
+        print(table(results, results["config"]["steps"]))
+        return
     torch.set_num_threads(args.threads)
     if args.precision_steps not in args.steps or args.precision_variant not in args.variants:
         raise SystemExit("--precision-variant and --precision-steps must be among --variants and --steps "
@@ -183,6 +210,7 @@ def main(argv=None):
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     plot(results, args.steps, out.with_suffix(".png"))
+    write_summary(results, args.steps, Path(args.summary))
     print(table(results, args.steps))
 
 

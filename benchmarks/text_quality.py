@@ -133,6 +133,33 @@ def draw_row(row: str, args) -> None:
 
 # ----------------------------------------------------------------------------- scoring
 
+def latent_information(args, blocks: torch.Tensor) -> dict:
+    """Held-out L_x (nats/token) of each model with its encoder's latent and with fresh noise instead.
+
+    The difference is what the latent channel tells the token denoiser about the masked
+    tokens; MDLM, which has no latent, is the baseline. Same t, masks and noise for all.
+    """
+    from training.data import HELDOUT_SEED
+    from training.losses import LossOptions, compute_loss
+
+    out = {}
+    for variant in ("mdlm", "fuji", "seq"):
+        row = {}
+        for name, fresh in (("heldout_x", False), ("heldout_x_fresh_latent", True)):
+            if fresh and variant == "mdlm":
+                continue
+            model, _ = load_checkpoint(Path(args.examples) / f"text-{variant}.pt")
+            model = with_fresh_latent(model, 0) if fresh else model
+            g = torch.Generator().manual_seed(HELDOUT_SEED)
+            with torch.no_grad():
+                losses = [compute_loss(model.eval(), batch, g, stage=2, lambda_y=0.0, opts=LossOptions()).loss_x
+                          for batch in blocks.split(args.batch_size)]
+            row[name] = float(np.mean(losses))
+        out[variant] = row
+        print(f"held-out L_x {variant}: {row}", flush=True)
+    return out
+
+
 def load_cell(args, row: str, steps: int, seed: int) -> torch.Tensor:
     if row == "seq_ty=T" and steps == args.seq_latent_steps:
         row = "seq"
@@ -182,7 +209,8 @@ def score(args) -> None:
            "samples": {row: {steps: decode_ids(ar_ckpt["tokenizer"], load_cell(args, row, steps, args.seeds[0])[:3])
                              for steps in (4, 64) if steps in args.steps}
                        for row in ("mdlm", "fuji", "seq")},
-           "ar_samples_text": decode_ids(ar_ckpt["tokenizer"], ar_tokens[:3])}
+           "ar_samples_text": decode_ids(ar_ckpt["tokenizer"], ar_tokens[:3]),
+           "latent_information": latent_information(args, blocks)}
     (results_dir / "text_run.json").write_text(json.dumps(run, indent=2) + "\n")
     plot(results, args)
 
