@@ -8,25 +8,30 @@ Stages, each reported on one line through `log`:
   3. engines     TensorRT engines through lddm_export.engines (--engines on, or auto where
                  TensorRT and a GPU are present);
   4. manifest    sha256 of every file, tools, profile, schedule, tokenizer;
-  5. commit      the bundle was written into a temporary directory beside DIR; it is renamed
-                 into place only now, so a failure or Ctrl-C at any stage leaves DIR as it was.
+  5. commit      the bundle was written into a temporary directory beside DIR; it takes DIR's
+                 place only now, in one atomic swap (lddm_export/commit.py), so a failure, Ctrl-C,
+                 SIGTERM or kill -9 at any stage leaves DIR as it was: at every instant DIR holds
+                 the complete old bundle or the complete new one.
 
-All arguments are checked before anything is written. This module imports neither torch nor
-training/ at import time: `build_engines_for_bundle` (lddm-export build --bundle DIR) runs on
-a Jetson with only tensorrt, onnx and numpy.
+One build per DIR at a time: a lock beside DIR refuses a second one, and each build first
+removes what killed builds left beside DIR. All arguments are checked before anything is
+written. This module imports neither torch nor training/ at import time:
+`build_engines_for_bundle` (lddm-export build --bundle DIR) runs on a Jetson with only
+tensorrt, onnx and numpy.
 """
 from __future__ import annotations
 
-import os
+import math
 import shutil
-import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from lddm_export import manifest as manifests
+from lddm_export.commit import check_not_in_use, exclusive, replace_directory
 from runtimes.errors import BundleError, LddmError
+from runtimes.options import MAX_BATCH, check_int, parse_int_list
 
 PRECISIONS = ("fp32", "fp16")
 ENGINE_MODES = ("auto", "on", "off")
@@ -36,6 +41,7 @@ MIN_OPSET = 17            # LayerNormalization entered the default ONNX domain i
 DEFAULT_OPSET = 20
 DEFAULT_BATCH = "1,8,64"
 DEFAULT_PROFILE = {"min": 1, "opt": 8, "max": 64}
+MAX_WORKSPACE_MB = 2**24  # 16 TiB
 
 Log = Callable[[str], None]
 
@@ -56,6 +62,8 @@ class BuildOptions:
             and rebuild everything (no stage is skipped).
         calibrate: choose extra FP32 islands of the FP16 graphs from activation statistics
             over the bundle's own sampling trajectories (calibration/fp16_islands.py).
+        max_model_gib: refuse a checkpoint whose model is larger (GiB of float32 parameters and
+            buffers), before it is built; None: training.checkpoint.MAX_MODEL_GIB.
     """
 
     precisions: tuple[str, ...] = PRECISIONS
@@ -65,6 +73,7 @@ class BuildOptions:
     workspace_mb: int | None = None
     force: bool = False
     calibrate: bool = True
+    max_model_gib: float | None = None
 
 
 def parse_precisions(text: str) -> tuple[str, ...]:
@@ -78,12 +87,13 @@ def parse_precisions(text: str) -> tuple[str, ...]:
 
 
 def parse_batch_profile(text: str) -> dict:
-    """"1,8,64" -> {"min": 1, "opt": 8, "max": 64}; raises LddmError unless 1 <= MIN <= OPT <= MAX."""
-    parts = [p.strip() for p in text.split(",")]
-    if len(parts) != 3 or not all(p.isdigit() for p in parts):
-        raise LddmError(f"--batch {text!r} must be three positive integers MIN,OPT,MAX, e.g. 1,8,64")
-    lo, opt, hi = (int(p) for p in parts)
-    if not 1 <= lo <= opt <= hi:
+    """"1,8,64" -> {"min": 1, "opt": 8, "max": 64}; raises LddmError unless 1 <= MIN <= OPT <= MAX <= 65536."""
+    expected = f"three positive integers MIN,OPT,MAX up to {MAX_BATCH}, e.g. 1,8,64"
+    values = parse_int_list("--batch", text, 1, MAX_BATCH, expected)
+    if len(values) != 3:
+        raise LddmError(f"--batch {text!r} must be {expected}; it has {len(values)} entries")
+    lo, opt, hi = values
+    if not lo <= opt <= hi:
         raise LddmError(f"--batch {text!r} must satisfy 1 <= MIN <= OPT <= MAX "
                         f"(got MIN {lo}, OPT {opt}, MAX {hi}), e.g. 1,8,64")
     return {"min": lo, "opt": opt, "max": hi}
@@ -105,14 +115,16 @@ def check_opset(opset: int) -> int:
 
 def parse_options(precision: str = "fp32,fp16", engines: str = "auto", batch: str = DEFAULT_BATCH,
                   opset: int = DEFAULT_OPSET, workspace_mb: int | None = None,
-                  force: bool = False, calibrate: bool = True) -> BuildOptions:
+                  force: bool = False, calibrate: bool = True, max_model_gib: float | None = None) -> BuildOptions:
     """BuildOptions from the CLI's strings, every one checked (raises LddmError)."""
     if engines not in ENGINE_MODES:
         raise LddmError(f"--engines {engines!r} must be one of {', '.join(ENGINE_MODES)}")
-    if workspace_mb is not None and workspace_mb <= 0:
-        raise LddmError(f"--workspace-mb {workspace_mb} must be a positive number of MiB")
+    if workspace_mb is not None:
+        workspace_mb = check_int("--workspace-mb", workspace_mb, 1, MAX_WORKSPACE_MB)
+    if max_model_gib is not None and not 0 < max_model_gib < math.inf:
+        raise LddmError(f"--max-model-gib {max_model_gib} must be a positive number of GiB, e.g. 16")
     return BuildOptions(parse_precisions(precision), engines, parse_batch_profile(batch),
-                        check_opset(opset), workspace_mb, force, calibrate)
+                        check_opset(opset), workspace_mb, force, calibrate, max_model_gib)
 
 
 def default_out_dir(ckpt: Path) -> Path:
@@ -134,28 +146,31 @@ def build_bundle(ckpt: str | Path, out: str | Path | None = None, options: Build
     Returns:
         the bundle directory.
     Raises:
-        CheckpointError: missing, corrupt or non-finite checkpoint.
-        BundleError: `out` exists and is not an up-to-date bundle of this checkpoint (no --force).
+        CheckpointError: from training.checkpoint.load_checkpoint (a corrupt or non-finite checkpoint,
+            a malformed config or tokenizer entry, a model above options.max_model_gib).
+        BundleError: `out` exists and is not an up-to-date bundle of this checkpoint (no --force);
+            `out` is or holds the checkpoint or the current directory; another build holds the
+            lock of `out`; the new bundle cannot be written or put in place (a full disk).
         LddmError: export, FP16 pass or engine failures (BackendUnavailable, EngineBuildError).
     """
-    from training.checkpoint import load_checkpoint
+    from training.checkpoint import MAX_MODEL_GIB, load_checkpoint
     from training.model import GRAPHS_BY_VARIANT
 
     ckpt, out = Path(ckpt), Path(out) if out is not None else default_out_dir(Path(ckpt))
     started = time.perf_counter()
-    model, raw = load_checkpoint(ckpt)
+    model, raw = load_checkpoint(ckpt, max_model_gib=options.max_model_gib or MAX_MODEL_GIB)
     if model.cfg.variant not in GRAPHS_BY_VARIANT:
         raise LddmError(f"checkpoint {ckpt} holds a model of variant {model.cfg.variant!r}, which has no sampling graphs; "
                         f"bundles are built from {', '.join(GRAPHS_BY_VARIANT)} checkpoints")
     ckpt_sha = manifests.sha256_file(ckpt)
     log(f"[checkpoint] {ckpt}: {model.cfg.variant}, L={model.cfg.seq_len}, V={model.cfg.total_vocab}, "
         f"sha256 {ckpt_sha[:12]}")
-    reusable = _reusable_bundle(out, ckpt_sha, options, log)
     engines = _engines_wanted(options.engines, log)
+    check_not_in_use(out, ckpt)
 
-    def stages(tmp: Path) -> None:
+    def stages(tmp: Path, reusable: dict | None) -> None:
         if reusable is not None:
-            shutil.copytree(out, tmp, dirs_exist_ok=True)
+            shutil.copytree(out, tmp, symlinks=True, dirs_exist_ok=True)  # a link is copied, never followed
             (tmp / manifests.MANIFEST).unlink()
             log(f"[export] skipped: {out} was built from this checkpoint (sha256 {ckpt_sha[:12]}) "
                 f"with the same precisions, opset and tools; its ONNX files are kept")
@@ -172,7 +187,9 @@ def build_bundle(ckpt: str | Path, out: str | Path | None = None, options: Build
         written = manifests.write_manifest(tmp, manifest)
         log(f"[manifest] {len(written['files'])} files hashed")
 
-    _write_atomically(out, stages)
+    with exclusive(out, log):
+        reusable = _reusable_bundle(out, ckpt_sha, options, log)
+        replace_directory(out, lambda tmp: stages(tmp, reusable))
     log(f"[done] {out} in {time.perf_counter() - started:.1f} s")
     return out
 
@@ -189,29 +206,32 @@ def build_engines_for_bundle(bundle: str | Path, options: BuildOptions, log: Log
     Returns:
         the bundle directory (replaced atomically with the engines added).
     Raises:
-        BundleError: no valid bundle, changed files, or a precision the bundle has no graph for.
+        BundleError: no valid bundle, changed files, or a precision the bundle has no graph for;
+            the current directory inside the bundle; another build holds its lock.
         BackendUnavailable / EngineBuildError: from lddm_export.engines.
     """
     bundle = Path(bundle)
-    manifest = manifests.read_manifest(bundle)
-    changed = manifests.changed_files(bundle, manifest)
-    if changed:
-        raise BundleError(f"bundle {bundle} has files that changed since it was built ({changed[:3]}); "
-                          f"rebuild it with `lddm-export build --ckpt model.pt --force`")
-    have = bundle_precisions(manifest)
-    missing = [p for p in options.precisions if p not in have]
-    if missing:
-        raise BundleError(f"bundle {bundle} has no {','.join(missing)} ONNX graphs to build engines from; "
-                          f"pass --precision {','.join(have) or 'fp16'} or rebuild with --precision {','.join(missing)}")
     started = time.perf_counter()
+    check_not_in_use(bundle, flag="--bundle")
+    with exclusive(bundle, log, flag="--bundle"):
+        manifest = manifests.read_manifest(bundle)
+        changed = manifests.changed_files(bundle, manifest)
+        if changed:
+            raise BundleError(f"bundle {bundle} has files that changed since it was built ({changed[:3]}); "
+                              f"rebuild it with `lddm-export build --ckpt model.pt --force`")
+        have = bundle_precisions(manifest)
+        missing = [p for p in options.precisions if p not in have]
+        if missing:
+            raise BundleError(f"bundle {bundle} has no {','.join(missing)} ONNX graphs to build engines from; pass "
+                              f"--precision {','.join(have) or 'fp16'} or rebuild with --precision {','.join(missing)}")
 
-    def stages(tmp: Path) -> None:
-        shutil.copytree(bundle, tmp, dirs_exist_ok=True)
-        updated = _add_engines(tmp, {**manifest, "batch_profile": dict(options.profile)}, options, log)
-        written = manifests.write_manifest(tmp, updated)
-        log(f"[manifest] {len(written['files'])} files hashed")
+        def stages(tmp: Path) -> None:
+            shutil.copytree(bundle, tmp, symlinks=True, dirs_exist_ok=True)  # a link is copied, never followed
+            updated = _add_engines(tmp, {**manifest, "batch_profile": dict(options.profile)}, options, log)
+            written = manifests.write_manifest(tmp, updated)
+            log(f"[manifest] {len(written['files'])} files hashed")
 
-    _write_atomically(bundle, stages)
+        replace_directory(bundle, stages, flag="--bundle")
     log(f"[done] {bundle} in {time.perf_counter() - started:.1f} s")
     return bundle
 
@@ -406,41 +426,3 @@ def _engine_key(entry: dict) -> tuple[str, ...]:
     """What makes two manifest engine entries interchangeable: a new build of one replaces the other."""
     return (entry["graph"], entry["precision"], entry["gpu_name"], entry["compute_capability"],
             entry["trt_version"])
-
-
-def _sibling(out: Path, kind: str) -> Path:
-    """Create an empty hidden directory beside `out` (mode from the umask, like `out` itself)."""
-    path = out.with_name(f".{out.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.mkdir()
-    except OSError as e:
-        raise BundleError(f"cannot create a directory beside --out {out} ({e.strerror}); "
-                          f"choose an --out in a writable directory") from None
-    return path
-
-
-def _write_atomically(out: Path, stages: Callable[[Path], None]) -> None:
-    """Run `stages(tmp)` in a fresh directory beside `out`, then rename it to `out`.
-
-    On any exception (KeyboardInterrupt included) the temporary directory is removed and `out`
-    is left as it was. An existing `out` is moved aside, the new one renamed into place, and
-    only then the old one deleted.
-    """
-    tmp = _sibling(out, "tmp")
-    try:
-        stages(tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
-            os.replace(out, old)
-            try:
-                os.replace(tmp, out)
-            except BaseException:
-                os.replace(old, out)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

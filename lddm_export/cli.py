@@ -4,12 +4,14 @@ Each command lives in lddm_export/commands/<name>.py and exposes a click command
 `command`; commands are imported only when invoked, so `lddm-export --help` and the
 TensorRT-only paths start without importing torch or training/.
 
-Every user-facing failure is an LddmError (or a checkpoint/config error) whose message is one
-sentence; main() prints it and exits 1 without a traceback. Ctrl-C exits 130.
+Every user-facing failure is an LddmError (or a checkpoint/config error, or a click usage
+error) whose message is one sentence; main() prints it and exits 1 without a traceback.
+Ctrl-C and SIGTERM are the same interrupt: whatever was being written is removed, exit 130.
 """
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
 
 import click
@@ -61,22 +63,26 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM raises KeyboardInterrupt
     try:
         cli.main(args=argv, prog_name="lddm-export", standalone_mode=False)
-    except click.exceptions.Abort:
+    except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("lddm-export: interrupted; nothing was left half-written", err=True)
         sys.exit(130)
-    except KeyboardInterrupt:
-        click.echo("lddm-export: interrupted; nothing was left half-written", err=True)
-        sys.exit(130)
+    except click.UsageError as e:
+        command = e.ctx.command_path if e.ctx is not None else "lddm-export"
+        click.echo(f"lddm-export: error: {e.format_message()} (see `{command} --help`)", err=True)
+        sys.exit(1)
     except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
+        click.echo(f"lddm-export: error: {e.format_message()}", err=True)
+        sys.exit(1)
     except Exception as e:
         if isinstance(e, user_errors()):
             click.echo(f"lddm-export: error: {e}", err=True)
             sys.exit(1)
         raise
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 if __name__ == "__main__":

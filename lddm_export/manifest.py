@@ -7,13 +7,13 @@ module fills it in. Neither imports torch or training/: `lddm-export build --bun
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import os
 from pathlib import Path
 
-from runtimes.bundle import FORMAT, VERSION, Bundle, sha256_file
+from runtimes.bundle import FORMAT, MANIFEST, VERSION, Bundle, sha256_file, validate_manifest
+from runtimes.errors import BundleError
+from runtimes.fileio import write_json
 
-MANIFEST = "manifest.json"
 PARITY = "parity.json"
 UNHASHED = (MANIFEST, PARITY)   # the files table covers every other file of the bundle
 # Distributions whose versions go into "tools"; those marked True change what export writes.
@@ -82,15 +82,24 @@ def new_manifest(config: dict, tokenizer: dict | None, data: str | None, checkpo
 def file_table(bundle_dir: Path) -> dict[str, str]:
     """sha256 of every file under bundle_dir except manifest.json and parity.json.
 
+    Symlinks are neither followed nor hashed: a bundle being written holds regular files only.
+
     Returns:
         POSIX relative path -> hex sha256, sorted by path.
+    Raises:
+        BundleError: bundle_dir holds a symlink, or something that is not a file or directory.
     """
     table = {}
-    for path in sorted(p for p in bundle_dir.rglob("*") if p.is_file()):
-        rel = path.relative_to(bundle_dir).as_posix()
-        if rel not in UNHASHED:
-            table[rel] = sha256_file(path)
-    return table
+    for dirpath, dirnames, filenames in os.walk(bundle_dir):
+        for name in dirnames + filenames:
+            path = Path(dirpath, name)
+            rel = path.relative_to(bundle_dir).as_posix()
+            if path.is_symlink() or (name in filenames and not path.is_file()):
+                raise BundleError(f"bundle {bundle_dir} holds {rel!r}, which is not a regular file or directory; "
+                                  f"a bundle holds regular files only, so remove it")
+            if name in filenames and rel not in UNHASHED:
+                table[rel] = sha256_file(path)
+    return dict(sorted(table.items()))
 
 
 def write_manifest(bundle_dir: Path, manifest: dict) -> dict:
@@ -98,11 +107,12 @@ def write_manifest(bundle_dir: Path, manifest: dict) -> dict:
 
     Returns:
         the manifest as written.
+    Raises:
+        BundleError: the manifest would not pass runtimes.bundle.validate_manifest (nothing is
+            written: the writer never leaves a manifest its reader refuses).
     """
-    manifest = {**manifest, "files": file_table(bundle_dir)}
-    tmp = bundle_dir / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, bundle_dir / MANIFEST)
+    manifest = validate_manifest({**manifest, "files": file_table(bundle_dir)}, bundle_dir / MANIFEST)
+    write_json(bundle_dir / MANIFEST, manifest, "the manifest")
     return manifest
 
 
@@ -111,7 +121,8 @@ def read_manifest(bundle_dir: Path) -> dict:
 
     Raises:
         BundleError: no such directory or manifest, invalid JSON, another format or version,
-            missing or malformed keys; the message names the file and says to rebuild.
+            missing, malformed or inconsistent keys, a path or symlink leading out of the
+            bundle; the message names the file and says to rebuild.
     """
     return Bundle.open(bundle_dir, check_hashes=False).manifest
 

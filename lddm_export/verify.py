@@ -24,10 +24,7 @@ The report is printed as a table and written to <bundle>/parity.json (and --json
 """
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -46,6 +43,7 @@ from runtimes.base import Runner
 from runtimes.bundle import Bundle, sha256_file
 from runtimes.compare import measure
 from runtimes.errors import BundleError, ToleranceExceeded
+from runtimes.fileio import write_json
 from runtimes.noise import draw_noise
 from runtimes.samplers import Sampler, sample_batches
 from runtimes.schedules import latent_steps_for
@@ -333,17 +331,10 @@ def verify_bundle(bundle_dir: str | Path, ckpt: str | Path, options: VerifyOptio
                  for name, m in report["distribution"]["metrics"].items()
                  for p, r in m["precisions"].items() if not r["passed"]]
     report["passed"], report["failures"] = not failures, failures
-    for path in [bundle.root / "parity.json"] + ([Path(json_path)] if json_path else []):
-        _write_json(path, report)
+    write_json(bundle.root / "parity.json", report, "the parity report")
+    if json_path:
+        write_json(json_path, report, "--json")
     if failures:
         raise ToleranceExceeded(f"bundle {bundle.root} failed parity: {'; '.join(failures[:4])}"
                                 f"{' and more' if len(failures) > 4 else ''} (details in parity.json)")
     return report
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)

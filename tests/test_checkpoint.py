@@ -3,13 +3,17 @@ import os
 
 import pytest
 import torch
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
 
 from training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from training.config import PRESETS, ModelConfig
 from training.model import LDDM
 
 L, P, D = 16, 2, 4
-TOKENIZER = {"kind": "bpe", "json": "{}", "vocab_size": 2}
+# A real (two-word) tokenizer: load_checkpoint refuses an entry whose JSON does not load.
+TOKENIZER = {"kind": "bpe", "json": Tokenizer(WordLevel({"a": 0, "b": 1}, unk_token="a")).to_str(),
+             "vocab_size": 2}
 TRAIN = {"steps": 3, "data": "sawtooth", "seed": 0, "final_losses": {"heldout_x": 0.6}}
 
 

@@ -119,7 +119,7 @@ def test_bad_outputs_are_refused(capsys, tmp_path, seq_bundle):
     assert "does not exist" in refused(capsys, tmp_path / "missing" / "x.npy", *base)
     a_file = tmp_path / "file"
     a_file.write_text("")
-    assert "does not exist" in refused(capsys, a_file / "x.npy", *base)
+    assert "is a file, not a directory" in refused(capsys, a_file / "x.npy", *base)
 
 
 def test_torch_backend_without_its_checkpoint_is_refused(capsys, tmp_path, seq_bundle):

@@ -281,9 +281,10 @@ def test_stage2_freezes_the_encoder_that_stage1_trained_and_saves_it(tmp_path):
 
 
 def test_resumed_run_matches_an_uninterrupted_one(tmp_path):
-    straight = tmp_path / "straight"
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    straight.mkdir()  # the trainer writes into an existing folder (runtimes.fileio.check_target)
+    split.mkdir()
     tiny_run(straight, max_steps=4)
-    split = tmp_path / "split"
     tiny_run(split, max_steps=2)
     cfg = TrainConfig(max_steps=4, batch_size=8, warmup=2, eval_every=2, eval_batches=1, device="cpu")
     train(tiny_config("mdlm"), cfg, SawtoothData(L), split / "model.pt",
@@ -348,7 +349,7 @@ def test_cli_size_flags_override_the_preset(tmp_path, capsys):
 @pytest.mark.parametrize("flags,expected", [
     (["--heads", "0"], "heads must be a positive integer, got 0"),
     (["--width", "30", "--heads", "4"], "must split into heads (4) of even size"),
-    (["--seq-len", "0"], "seq_len must be a positive integer, got 0"),
+    (["--seq-len", "0"], "--seq-len must be a positive integer, got 0"),
 ])
 def test_cli_bad_sizes_are_one_sentence(tmp_path, capsys, flags, expected):
     code, err = run_cli(capsys, "--variant", "mdlm", "--max-steps", "1", "--preset", "tiny", *flags,

@@ -2,23 +2,38 @@
 
     lddm-train --variant seq --data sawtooth --preset small --max-steps 2000 --out model.pt
 
-Bad input (unknown variant, preset or data, a bad --out or --resume path, an out-of-range
-option) is one sentence on stderr and exit status 2, without a traceback.
+Bad input (unknown variant, preset or data, a bad --out or --resume path, an integer option out
+of the range --help states, a model or batch too large) is one sentence on stderr and exit
+status 2, without a traceback. A write that fails at the end (a full disk) exits 1. Ctrl-C and
+SIGTERM exit 130 and say which resume file, if any, holds the run.
 """
 from __future__ import annotations
 
 import argparse
+import math
+import signal
 import sys
 
 import torch
 
-from training.checkpoint import CheckpointError
+from runtimes.errors import LddmError
+from runtimes.options import MAX_BATCH, MAX_SEED, MAX_THREADS, OptionError, check_int
+from training.checkpoint import MAX_MODEL_GIB, CheckpointError, model_gib
 from training.config import PRESETS, VARIANTS, ConfigError, ModelConfig
 from training.data import DATA_CHOICES, TOKENIZER_CHOICES, load_data
 from training.losses import WEIGHTINGS
-from training.trainer import TrainConfig, check_out_path, train
+from training.trainer import Interrupted, TrainConfig, check_out_path, train
 
 USAGE_ERROR = 2
+MAX_BATCH_TOKENS = 2**24  # tokens of one training batch (--batch-size x --seq-len)
+# Every integer option's range: stated in --help, checked by runtimes.options.check_int.
+INT_RANGES = {
+    "--max-steps": (1, 10**9), "--width": (1, 65_536), "--depth": (1, 1024), "--heads": (1, 1024),
+    "--seq-len": (1, 65_536), "--n-latent": (1, 65_536), "--latent-dim": (1, 65_536),
+    "--batch-size": (1, MAX_BATCH), "--warmup": (0, 10**9), "--seed": (0, MAX_SEED),
+    "--lambda-y-warmup": (0, 10**9), "--lambda-y-delay": (0, 10**9), "--text-vocab": (1, 10**6),
+    "--eval-every": (1, 10**9), "--eval-batches": (1, 100_000), "--threads": (0, MAX_THREADS),
+}
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -28,54 +43,63 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(USAGE_ERROR, f"lddm-train: error: {message}\n")
 
 
+def int_arg(group, flag: str, help: str = "", **kwargs) -> None:
+    """An integer option checked against INT_RANGES[flag] (an OptionError, not argparse's words)."""
+    low, high = INT_RANGES[flag]
+    group.add_argument(flag, type=lambda text: check_int(flag, text, low, high),
+                       help=f"{help} [{low}..{high}]".lstrip(), **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     p = OneLineParser(prog="lddm-train", description=__doc__.split("\n\n")[0],
                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--variant", required=True, choices=VARIANTS)
     p.add_argument("--data", default="sawtooth", help=f"one of {', '.join(DATA_CHOICES)}")
-    p.add_argument("--max-steps", type=int, required=True)
+    int_arg(p, "--max-steps", required=True)
     p.add_argument("--out", required=True, help="checkpoint path; the resume file is <out>.resume.pt")
     g = p.add_argument_group("model")
     g.add_argument("--preset", default="small", choices=sorted(PRESETS),
                    help="named model size (training/config.py); the flags below override its fields")
-    g.add_argument("--width", type=int, help="model width (default: the preset's)")
-    g.add_argument("--depth", type=int, help="denoiser blocks (default: the preset's)")
-    g.add_argument("--heads", type=int, help="attention heads; must divide --width (default: the preset's)")
-    g.add_argument("--seq-len", type=int, default=128)
-    g.add_argument("--n-latent", type=int, help="P latent slots (default: the preset's, else 4)")
-    g.add_argument("--latent-dim", type=int, help="D per latent slot (default: the preset's, else 8)")
+    int_arg(g, "--width", help="model width (default: the preset's)")
+    int_arg(g, "--depth", help="denoiser blocks (default: the preset's)")
+    int_arg(g, "--heads", help="attention heads; must divide --width (default: the preset's)")
+    int_arg(g, "--seq-len", default=128)
+    int_arg(g, "--n-latent", help="P latent slots (default: the preset's, else 4)")
+    int_arg(g, "--latent-dim", help="D per latent slot (default: the preset's, else 8)")
     g.add_argument("--mask-schedule", default="loglinear", choices=("linear", "loglinear"))
     g.add_argument("--latent-schedule", default="sqrt", choices=("sqrt", "cosine"))
     g.add_argument("--no-unit-norm", action="store_true", help="do not project latents to the sphere")
     g.add_argument("--encoder-corruption", type=float, default=0.0,
                    help="probability of masking encoder inputs where x_t is masked")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=int, default=d.batch_size)
+    int_arg(g, "--batch-size", default=d.batch_size)
     g.add_argument("--lr", type=float, default=d.lr)
-    g.add_argument("--warmup", type=int, default=d.warmup)
+    int_arg(g, "--warmup", default=d.warmup)
     g.add_argument("--weight-decay", type=float, default=d.weight_decay)
     g.add_argument("--ema", type=float, default=d.ema, help="EMA decay (0: off); EMA weights are saved")
     g.add_argument("--grad-clip", type=float, default=d.grad_clip, help="0: off")
-    g.add_argument("--seed", type=int, default=d.seed)
+    int_arg(g, "--seed", default=d.seed)
     g = p.add_argument_group("losses")
     g.add_argument("--stage1-frac", type=float, default=d.stage1_frac,
                    help="fuji/seq: fraction of steps training encoder + token denoiser on L_x only")
     g.add_argument("--lambda-y", type=float, default=d.lambda_y)
-    g.add_argument("--lambda-y-warmup", type=int, default=d.lambda_y_warmup)
-    g.add_argument("--lambda-y-delay", type=int, default=d.lambda_y_delay)
+    int_arg(g, "--lambda-y-warmup", default=d.lambda_y_warmup)
+    int_arg(g, "--lambda-y-delay", default=d.lambda_y_delay)
     g.add_argument("--p-cfg", type=float, default=d.p_cfg, help="latent dropout probability")
     g.add_argument("--token-weighting", default=d.token_weighting, choices=WEIGHTINGS)
     g.add_argument("--latent-weighting", default=d.latent_weighting, choices=WEIGHTINGS)
     g = p.add_argument_group("data")
     g.add_argument("--tokenizer", default=d.tokenizer, choices=TOKENIZER_CHOICES)
-    g.add_argument("--text-vocab", type=int, default=d.text_vocab, help="bpe vocabulary size")
+    int_arg(g, "--text-vocab", default=d.text_vocab, help="bpe vocabulary size")
     g = p.add_argument_group("run")
-    g.add_argument("--eval-every", type=int, default=d.eval_every)
-    g.add_argument("--eval-batches", type=int, default=d.eval_batches)
-    g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    int_arg(g, "--eval-every", default=d.eval_every)
+    int_arg(g, "--eval-batches", default=d.eval_batches)
+    int_arg(g, "--threads", default=0, help="torch CPU threads (0: torch's default)")
     g.add_argument("--device", default=d.device, choices=("auto", "cpu", "cuda"))
     g.add_argument("--resume", help="continue from a <out>.resume.pt")
+    g.add_argument("--max-model-gib", type=float, default=MAX_MODEL_GIB,
+                   help="refuse a model whose float32 weights are larger")
     g.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
     return p
 
@@ -92,6 +116,12 @@ def run(args: argparse.Namespace) -> dict:
         eval_every=args.eval_every, eval_batches=args.eval_batches, tokenizer=args.tokenizer,
         text_vocab=args.text_vocab, device=args.device)
     check_out_path(args.out)  # before the (possibly slow) data loading
+    if not 0 < args.max_model_gib < math.inf:
+        raise ConfigError(f"--max-model-gib {args.max_model_gib} must be a positive number of GiB, e.g. 16")
+    if args.batch_size * args.seq_len > MAX_BATCH_TOKENS:
+        raise ConfigError(f"--batch-size {args.batch_size} x --seq-len {args.seq_len} is "
+                          f"{args.batch_size * args.seq_len:,} tokens a batch, above the limit of "
+                          f"{MAX_BATCH_TOKENS:,}; lower --batch-size or --seq-len")
     data = load_data(args.data, args.seq_len, args.tokenizer, args.text_vocab)
     sizes = dict(PRESETS[args.preset])
     sizes.update({k: v for k, v in (("width", args.width), ("depth", args.depth), ("heads", args.heads),
@@ -100,22 +130,40 @@ def run(args: argparse.Namespace) -> dict:
         variant=args.variant, vocab_size=data.vocab_size, seq_len=args.seq_len,
         mask_schedule=args.mask_schedule, latent_schedule=args.latent_schedule,
         unit_norm_latent=not args.no_unit_norm, encoder_input_corruption=args.encoder_corruption, **sizes)
+    check_model_size(model_cfg, args.max_model_gib)
     info = train(model_cfg, cfg, data, args.out, resume=args.resume, progress=not args.no_progress)
     losses = ", ".join(f"{k} {v:.4f}" for k, v in info["final_losses"].items())
     print(f"wrote {args.out}: {info['steps']} steps, {info['wall_time_s']:.0f} s, {losses}")
     return info
 
 
+def check_model_size(model_cfg: ModelConfig, max_gib: float) -> None:
+    """Refuse a model above `max_gib` GiB of float32 weights before it is allocated."""
+    size = model_gib(model_cfg)
+    if size > max_gib:
+        raise ConfigError(f"the model of these sizes needs {size:.3g} GiB of weights, above the limit of "
+                          f"{max_gib:g} GiB; lower --width, --depth or --seq-len, or raise --max-model-gib")
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM is Ctrl-C
     try:
-        run(args)
-    except (ConfigError, CheckpointError) as e:
+        run(build_parser().parse_args(argv))
+    except (ConfigError, CheckpointError, OptionError) as e:
         print(f"lddm-train: error: {e}", file=sys.stderr)
         sys.exit(USAGE_ERROR)
-    except KeyboardInterrupt:
-        print("lddm-train: interrupted; the last resume file is beside --out", file=sys.stderr)
+    except LddmError as e:  # a write that failed at the end (runtimes.fileio.WriteError)
+        print(f"lddm-train: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except Interrupted as e:
+        print(f"lddm-train: {e}", file=sys.stderr)
         sys.exit(130)
+    except KeyboardInterrupt:
+        print("lddm-train: interrupted before the first training step; this run wrote no resume file",
+              file=sys.stderr)
+        sys.exit(130)
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 if __name__ == "__main__":

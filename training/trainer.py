@@ -8,14 +8,18 @@ lambda_y ramped from the start of stage 2. stage1_frac = 0 is single-stage joint
 
 Resuming: a resume file beside the output (`<out>.resume.pt`) holds the weights, the EMA, the
 optimizer, the step and the random state; it is rewritten at every evaluation and at the end.
-A resumed run draws the same batches as an uninterrupted one; max_steps may be raised.
+A resumed run draws the same batches as an uninterrupted one; max_steps may be raised. Ctrl-C
+(or SIGTERM) raises Interrupted, whose message names the resume file that holds the run and its
+step, or says that this run has written none yet (before its first evaluation).
+
+Both files are written through runtimes.fileio.write_atomic: a kill mid-write leaves the
+previous file, never half of one.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +27,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from runtimes.fileio import WriteError, check_input_file, check_target, write_atomic
 from training.checkpoint import CheckpointError, save_checkpoint
 from training.config import ConfigError, ModelConfig
 from training.data import HELDOUT_SEED
@@ -87,18 +92,22 @@ def resume_path(out: str | Path) -> Path:
     return out.with_name(out.name + ".resume.pt")
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM during train(); the message says which resume file holds the run, if any."""
+
+
 def check_out_path(out: str | Path) -> Path:
-    """Refuse an output path that cannot be written before any time is spent training."""
-    out = Path(out)
-    if out.is_dir():
-        raise ConfigError(f"--out {out} is a directory; pass a file path such as {out / 'model.pt'}")
+    """Refuse an output path that cannot be written before any time is spent training.
+
+    Raises:
+        ConfigError: the refusals of runtimes.fileio.check_target, for --out and its resume file.
+    """
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"--out {out}: its folder cannot be created ({e.strerror}); pass a writable path") from None
-    if not os.access(out.parent, os.W_OK):
-        raise ConfigError(f"--out {out}: the folder {out.parent} is not writable; pass a writable path")
-    return out
+        out = check_target(out, "--out")
+        check_target(resume_path(out), "the resume file of --out")
+        return out
+    except WriteError as e:
+        raise ConfigError(str(e)) from None
 
 
 # ----------------------------------------------------------------------------- pieces of the loop
@@ -153,16 +162,13 @@ def autocast(device: torch.device):
 # ----------------------------------------------------------------------------- resume files
 
 def save_resume(path: Path, state: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"format": RESUME_FORMAT, "version": RESUME_VERSION, **state}, tmp)
-    os.replace(tmp, path)
+    state = {"format": RESUME_FORMAT, "version": RESUME_VERSION, **state}
+    write_atomic(path, lambda f: torch.save(state, f), "the resume file")
 
 
 def load_resume(path: str | Path, model_cfg: ModelConfig, cfg: TrainConfig) -> dict:
     """Read a resume file and check that it continues the run described by model_cfg and cfg."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"--resume {path} does not exist; pass the <out>.resume.pt written by an earlier run")
+    path = check_input_file(path, "--resume", "pass the <out>.resume.pt written by an earlier run", CheckpointError)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # any unreadable file is one user-facing sentence, never a traceback
@@ -184,6 +190,15 @@ def load_resume(path: str | Path, model_cfg: ModelConfig, cfg: TrainConfig) -> d
         raise CheckpointError(f"--resume {path} is at step {state['step']}, past --max-steps {cfg.max_steps}; "
                               f"raise --max-steps")
     return state
+
+
+def interrupt_note(step: int, saved: tuple[Path, int] | None, cfg: TrainConfig) -> str:
+    """What an interrupted run left: the resume file that holds it, or that there is none."""
+    if saved is None:
+        return (f"interrupted at step {step}, before the first evaluation (step {min(cfg.eval_every, cfg.max_steps)}); "
+                f"this run wrote no resume file, so it has to start again")
+    path, at = saved
+    return f"interrupted at step {step}; the resume file {path} holds step {at}: continue with --resume {path}"
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -216,6 +231,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data, out: str | Path,
     n_stage1 = stage1_steps(model_cfg, cfg)
 
     step, elapsed, history, recent = 0, 0.0, [], []
+    saved = None  # (resume file, its step): where this run can be continued from
     if resume is not None:
         state = load_resume(resume, model_cfg, cfg)
         model.load_state_dict(state["model"])
@@ -224,6 +240,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data, out: str | Path,
         opt.load_state_dict(state["optimizer"])
         gen.set_state(state["generator"])
         step, elapsed, history, recent = state["step"], state["elapsed"], state["history"], state["recent"]
+        saved = (Path(resume), step)
         log(f"resumed from {resume} at step {step}")
 
     def lambda_y(at_step: int) -> float:
@@ -237,53 +254,57 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data, out: str | Path,
 
     start = time.time()
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not progress, dynamic_ncols=True)
-    while step < cfg.max_steps:
-        stage = 1 if step < n_stage1 else 2
-        if model_cfg.has_latent and n_stage1 > 0:
-            model.encoder.requires_grad_(stage == 1)
-            if step == n_stage1:
-                recent = []  # the running train losses restart with the new loss
-                if ema_model is not None:
-                    # The frozen encoder defines the latents of stage 2; the saved one must be it.
-                    ema_model.encoder.load_state_dict(model.encoder.state_dict())
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        x0 = data.train_batch(cfg.batch_size, gen).to(device)
-        with autocast(device):
-            terms = compute_loss(model, x0, gen, stage, lambda_y(step), opts)
-        if not math.isfinite(terms.total.item()):
-            raise ConfigError(f"the loss became {terms.total.item()} at step {step}; "
-                              f"lower --lr or raise --warmup")
-        opt.zero_grad(set_to_none=True)
-        terms.total.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        if ema_model is not None:
-            update_ema(ema_model, model, step, cfg.ema)
-        step += 1
-        recent = (recent + [(terms.loss_x, terms.loss_y)])[-100:]
-        bar.update(1)
-        bar.set_postfix(stage=stage, loss_x=f"{terms.loss_x:.4f}", loss_y=f"{terms.loss_y:.4f}", refresh=False)
-        if step % cfg.eval_every == 0 or step == cfg.max_steps:
-            ev = evaluate(ema_model or model, heldout, device, cfg.lambda_y, opts)
-            record = {"step": step, "train_x": sum(r[0] for r in recent) / len(recent),
-                      "heldout_x": ev["heldout_x"]}
-            if model_cfg.has_latent:
-                record.update(train_y=sum(r[1] for r in recent) / len(recent), heldout_y=ev["heldout_y"])
-            history.append(record)
-            stage_note = [f"stage {stage}"] if n_stage1 else []
-            line = " ".join([f"step {step}:", *stage_note,
-                             *(f"{k} {v:.4f}" for k, v in record.items() if k != "step"),
-                             f"({elapsed + time.time() - start:.0f} s)"])
-            (bar.write if progress else log)(line)
-            save_resume(resume_path(out), snapshot())
-    bar.close()
-
-    final = history[-1] if history else {}
-    info = {"steps": step, "data": data.name, "seed": cfg.seed,
-            "final_losses": {k: v for k, v in final.items() if k != "step"},
-            "history": history, "wall_time_s": round(elapsed + time.time() - start, 1),
-            "options": cfg.to_dict(), "torch": str(torch.__version__)}
-    save_checkpoint(out, (ema_model or model).cpu(), data.tokenizer, info)
+    try:
+        while step < cfg.max_steps:
+            stage = 1 if step < n_stage1 else 2
+            if model_cfg.has_latent and n_stage1 > 0:
+                model.encoder.requires_grad_(stage == 1)
+                if step == n_stage1:
+                    recent = []  # the running train losses restart with the new loss
+                    if ema_model is not None:
+                        # The frozen encoder defines the latents of stage 2; the saved one must be it.
+                        ema_model.encoder.load_state_dict(model.encoder.state_dict())
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, cfg)
+            x0 = data.train_batch(cfg.batch_size, gen).to(device)
+            with autocast(device):
+                terms = compute_loss(model, x0, gen, stage, lambda_y(step), opts)
+            if not math.isfinite(terms.total.item()):
+                raise ConfigError(f"the loss became {terms.total.item()} at step {step}; "
+                                  f"lower --lr or raise --warmup")
+            opt.zero_grad(set_to_none=True)
+            terms.total.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            if ema_model is not None:
+                update_ema(ema_model, model, step, cfg.ema)
+            step += 1
+            recent = (recent + [(terms.loss_x, terms.loss_y)])[-100:]
+            bar.update(1)
+            bar.set_postfix(stage=stage, loss_x=f"{terms.loss_x:.4f}", loss_y=f"{terms.loss_y:.4f}", refresh=False)
+            if step % cfg.eval_every == 0 or step == cfg.max_steps:
+                ev = evaluate(ema_model or model, heldout, device, cfg.lambda_y, opts)
+                record = {"step": step, "train_x": sum(r[0] for r in recent) / len(recent),
+                          "heldout_x": ev["heldout_x"]}
+                if model_cfg.has_latent:
+                    record.update(train_y=sum(r[1] for r in recent) / len(recent), heldout_y=ev["heldout_y"])
+                history.append(record)
+                stage_note = [f"stage {stage}"] if n_stage1 else []
+                line = " ".join([f"step {step}:", *stage_note,
+                                 *(f"{k} {v:.4f}" for k, v in record.items() if k != "step"),
+                                 f"({elapsed + time.time() - start:.0f} s)"])
+                (bar.write if progress else log)(line)
+                save_resume(resume_path(out), snapshot())
+                saved = (resume_path(out), step)
+        bar.close()
+        final = history[-1] if history else {}
+        info = {"steps": step, "data": data.name, "seed": cfg.seed,
+                "final_losses": {k: v for k, v in final.items() if k != "step"},
+                "history": history, "wall_time_s": round(elapsed + time.time() - start, 1),
+                "options": cfg.to_dict(), "torch": str(torch.__version__)}
+        save_checkpoint(out, (ema_model or model).cpu(), data.tokenizer, info)
+    except KeyboardInterrupt:
+        bar.close()
+        raise Interrupted(interrupt_note(step, saved, cfg)) from None
     return info

@@ -16,13 +16,17 @@ comparison is fair on a shared CPU.
 """
 from __future__ import annotations
 
-import json
 import statistics
 import time
 
 import click
 
+from lddm_export.commands.numbers import Int
 from runtimes.errors import LddmError
+from runtimes.fileio import check_input_file, check_target, write_json
+from runtimes.options import MAX_BATCH, MAX_STEPS, MAX_THREADS, check_job, parse_int_list
+
+MAX_REPEAT = 1000
 
 
 def paired_median_seconds(fn_a, fn_b, repeat: int) -> tuple[float, float]:
@@ -55,16 +59,6 @@ class TimedRunner:
         self.sync()
         self.seconds += time.perf_counter() - start
         return out
-
-
-def parse_batches(text: str) -> list[int]:
-    try:
-        batches = [int(b) for b in text.split(",")]
-    except ValueError:
-        batches = []
-    if not batches or min(batches) <= 0:
-        raise LddmError(f"--batch {text!r} must be positive integers separated by commas, e.g. 1,32")
-    return batches
 
 
 def bench_bundle(bundle, backend: str, precision: str, device: str, batches: list[int], steps: int,
@@ -105,6 +99,7 @@ def bench_bundle(bundle, backend: str, precision: str, device: str, batches: lis
     if max(batches) > max_batch:
         raise LddmError(f"--batch {max(batches)} is above the bundle's batch profile maximum {max_batch}; "
                         f"bench batches <= {max_batch} or rebuild with a larger --batch")
+    check_job(max(batches), max(batches), steps, latent_steps, shapes)
     runners = make_runners(bundle, backend, precision, device, ckpt=ckpt, graphs=list(GRAPHS[variant]),
                            threads=threads, cuda_graph=cuda_graph, compile=compile and backend == "torch")
     for runner in runners.values():
@@ -165,10 +160,11 @@ def format_table(rows: list[dict]) -> str:
 @click.option("--precision", default="fp32", show_default=True, help="fp32 or fp16")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N")
 @click.option("--batch", "batch_text", default="1,32", show_default=True, help="batch sizes, comma-separated")
-@click.option("--steps", type=int, default=16, show_default=True, help="token steps T_x")
-@click.option("--latent-steps", type=int, default=None, help="seq: latent steps T_y [default: --steps]")
-@click.option("--repeat", type=int, default=5, show_default=True, help="timed calls per measurement (median)")
-@click.option("--threads", type=int, default=None, help="CPU threads for torch and onnxruntime")
+@click.option("--steps", type=Int(1, MAX_STEPS), default=16, show_default=True, help="token steps T_x")
+@click.option("--latent-steps", type=Int(1, MAX_STEPS), default=None, help="seq: latent steps T_y [default: --steps]")
+@click.option("--repeat", type=Int(1, MAX_REPEAT), default=5, show_default=True,
+              help="timed calls per measurement (median)")
+@click.option("--threads", type=Int(1, MAX_THREADS), default=None, help="CPU threads for torch and onnxruntime")
 @click.option("--ckpt", default=None, help="the bundle's model.pt, when not at the recorded path")
 @click.option("--cuda-graph/--no-cuda-graph", default=None, help="torch/trt on CUDA: replay CUDA graphs")
 @click.option("--compile", "compile_", is_flag=True,
@@ -180,16 +176,15 @@ def command(bundle_dir, backend, precision, device, batch_text, steps, latent_st
     from runtimes.backends import check_choice
     from runtimes.bundle import Bundle
 
-    for name, value in (("--steps", steps), ("--latent-steps", latent_steps), ("--repeat", repeat),
-                        ("--threads", threads)):
-        if value is not None and value <= 0:
-            raise LddmError(f"{name} must be a positive integer, got {value}")
-    batches = parse_batches(batch_text)
+    batches = parse_int_list("--batch", batch_text, 1, MAX_BATCH, "positive integers separated by commas, e.g. 1,32")
+    if json_path:
+        check_target(json_path, "--json")
+    if ckpt is not None:
+        check_input_file(ckpt, "--ckpt", "pass the bundle's model.pt")
     check_choice(backend, precision, device)
     bundle = Bundle.open(bundle_dir)
     rows = bench_bundle(bundle, backend, precision, device, batches, steps, latent_steps, repeat, threads, ckpt,
                         cuda_graph, compile_)
     click.echo(format_table(rows))
     if json_path:
-        with open(json_path, "w") as f:
-            json.dump(rows, f, indent=2)
+        write_json(json_path, rows, "--json")

@@ -5,61 +5,43 @@
 .npy holds int64 token ids [K, L]; .jsonl holds one {"ids": [...], "text": ...} object per
 sample (text is null for synthetic data such as sawtooth). Batch b of the run uses seed + b.
 SEQ bundles run a latent chain of --latent-steps steps first; it defaults to --steps.
-The file is written to a temporary name and renamed at the end: an interrupted run leaves
-nothing behind.
+Integer options have the ranges of runtimes/options.py (shown by --help), and the job's
+memory and length are checked before anything runs. The file is written through
+runtimes.fileio.write_atomic: an interrupted run or a full disk leaves nothing behind.
 """
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import click
 import numpy as np
 
+from lddm_export.commands.numbers import Int
 from runtimes.errors import LddmError, ShapeMismatch
+from runtimes.fileio import check_input_file, check_target, write_atomic
+from runtimes.options import MAX_BATCH, MAX_SAMPLES, MAX_SEED, MAX_STEPS, MAX_THREADS, check_job
 
 SUFFIXES = (".npy", ".jsonl")
 
 
-def check_positive(name: str, value: int | None) -> None:
-    if value is not None and value <= 0:
-        raise LddmError(f"{name} must be a positive integer, got {value}; pass {name} 1 or more")
-
-
 def check_out(out: Path) -> None:
-    """The output's suffix is known and its directory exists and is writable."""
+    """The output's suffix is known and it can be written (runtimes.fileio.check_target)."""
     if out.suffix not in SUFFIXES:
         raise LddmError(f"--out {out} has the suffix {out.suffix or '(none)'!r}; use one of {', '.join(SUFFIXES)}")
-    parent = out.parent
-    if not parent.is_dir():
-        raise LddmError(f"the directory of --out {out} does not exist; create {parent} first")
-    try:  # a real probe: os.access says yes to root on read-only mounts
-        fd, probe = tempfile.mkstemp(dir=parent, prefix=f".{out.name}.", suffix=".probe")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise LddmError(f"the directory of --out {out} is not writable ({e.strerror}); choose another --out") from None
+    check_target(out, "--out")
 
 
-def write_atomic(out: Path, tokens: np.ndarray, texts: list[str | None]) -> None:
-    """Write .npy (int64 [K, L]) or .jsonl (ids and text per line) via a temp file + rename."""
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            if out.suffix == ".npy":
-                np.save(f, tokens.astype(np.int64))
-            else:
-                for ids, text in zip(tokens.tolist(), texts):
-                    f.write((json.dumps({"ids": ids, "text": text}) + "\n").encode())
-        os.replace(tmp, out)
-    except OSError as e:
-        raise LddmError(f"cannot write --out {out} ({e.strerror}); choose another --out") from None
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
+def write_samples(out: Path, tokens: np.ndarray, texts: list[str | None]) -> None:
+    """Write .npy (int64 [K, L]) or .jsonl (ids and text per line), atomically."""
+    def write(f) -> None:
+        if out.suffix == ".npy":
+            np.save(f, tokens.astype(np.int64))
+        else:
+            for ids, text in zip(tokens.tolist(), texts):
+                f.write((json.dumps({"ids": ids, "text": text}) + "\n").encode())
+
+    write_atomic(out, write, "--out")
 
 
 @click.command("sample")
@@ -67,11 +49,14 @@ def write_atomic(out: Path, tokens: np.ndarray, texts: list[str | None]) -> None
 @click.option("--backend", default="ort", show_default=True, help="torch, ort, ort-trt or trt")
 @click.option("--precision", default="fp32", show_default=True, help="fp32 or fp16")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N")
-@click.option("--steps", required=True, type=int, help="token steps T_x (fuji: also latent steps)")
-@click.option("--latent-steps", type=int, default=None, help="seq only: latent steps T_y [default: --steps]")
-@click.option("--num", required=True, type=int, help="number of samples K")
-@click.option("--batch-size", type=int, default=None, help="samples per call [default: min(K, profile max)]")
-@click.option("--seed", type=int, default=0, show_default=True, help="seed of batch 0 (batch b uses seed + b)")
+@click.option("--steps", required=True, type=Int(1, MAX_STEPS), help="token steps T_x (fuji: also latent steps)")
+@click.option("--latent-steps", type=Int(1, MAX_STEPS), default=None,
+              help="seq only: latent steps T_y [default: --steps]")
+@click.option("--num", required=True, type=Int(1, MAX_SAMPLES), help="number of samples K")
+@click.option("--batch-size", type=Int(1, MAX_BATCH), default=None,
+              help="samples per call [default: min(K, profile max)]")
+@click.option("--seed", type=Int(0, MAX_SEED), default=0, show_default=True,
+              help="seed of batch 0 (batch b uses seed + b)")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="output .npy or .jsonl")
 @click.option("--ckpt", type=click.Path(path_type=Path), default=None,
               help="torch backend: the bundle's model.pt, when not at the path the manifest records")
@@ -80,7 +65,7 @@ def write_atomic(out: Path, tokens: np.ndarray, texts: list[str | None]) -> None
 @click.option("--cuda-graph/--no-cuda-graph", default=None, help="torch/trt on CUDA: replay CUDA graphs")
 @click.option("--compile", "compile_", is_flag=True,
               help="torch.compile the sampler's token step (and the torch backend's modules)")
-@click.option("--threads", type=int, default=None, help="ort on the CPU: intra-op threads per graph")
+@click.option("--threads", type=Int(1, MAX_THREADS), default=None, help="ort on the CPU: intra-op threads per graph")
 def command(bundle_dir, backend, precision, device, steps, latent_steps, num, batch_size, seed, out, ckpt,
             float32_draws, cache, cuda_graph, compile_, threads):
     """Sample token ids (and text) from a bundle."""
@@ -92,10 +77,9 @@ def command(bundle_dir, backend, precision, device, steps, latent_steps, num, ba
     from runtimes.schedules import latent_steps_for
     from runtimes.tokenizer import TextDecoder
 
-    for name, value in (("--steps", steps), ("--num", num), ("--batch-size", batch_size),
-                        ("--latent-steps", latent_steps), ("--threads", threads)):
-        check_positive(name, value)
     check_out(out)
+    if ckpt is not None:
+        check_input_file(ckpt, "--ckpt", "pass the bundle's model.pt")
     check_choice(backend, precision, device)
     bundle = Bundle.open(bundle_dir)
     if latent_steps is not None and bundle.variant != "seq":
@@ -106,6 +90,7 @@ def command(bundle_dir, backend, precision, device, steps, latent_steps, num, ba
     if batch_size > max_batch:
         raise ShapeMismatch(f"--batch-size {batch_size} is above the bundle's batch profile maximum {max_batch}; "
                             f"use --batch-size <= {max_batch} or rebuild with a larger --batch MIN,OPT,MAX")
+    check_job(num, batch_size, steps, latent_steps, bundle.shapes)
     decoder = TextDecoder(bundle.manifest["tokenizer"])
     runners = make_runners(bundle, backend, precision, device, ckpt=ckpt,
                            graphs=list(GRAPHS[bundle.variant]), cuda_graph=cuda_graph, threads=threads,
@@ -121,5 +106,5 @@ def command(bundle_dir, backend, precision, device, steps, latent_steps, num, ba
     for runner in runners.values():
         runner.deactivate()
     tokens = result.tokens.numpy()
-    write_atomic(out, tokens, decoder.decode(tokens) if out.suffix == ".jsonl" else [])
+    write_samples(out, tokens, decoder.decode(tokens) if out.suffix == ".jsonl" else [])
     click.echo(f"wrote {len(tokens)} samples of {tokens.shape[1]} tokens to {out}", err=True)

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import click
 
+from lddm_export.commands.numbers import Int
 from runtimes.bundle import PRECISIONS
+from runtimes.fileio import check_input_file, check_target
+from runtimes.options import MAX_SAMPLES, MAX_SEED, MAX_STEPS, check_job
 
 
 def _precisions(ctx, param, value: str) -> tuple[str, ...]:
@@ -20,11 +23,11 @@ def _precisions(ctx, param, value: str) -> tuple[str, ...]:
 @click.option("--backend", type=click.Choice(["ort", "ort-trt", "trt"]), default="ort", show_default=True)
 @click.option("--precision", "precisions", default="fp32,fp16", show_default=True, callback=_precisions)
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda")
-@click.option("--steps", type=click.IntRange(min=1), default=8, show_default=True, help="token steps (levels 2, 3)")
-@click.option("--latent-steps", type=click.IntRange(min=1), default=None, help="seq latent steps [default: --steps]")
-@click.option("--samples", type=click.IntRange(min=16), default=1024, show_default=True,
+@click.option("--steps", type=Int(1, MAX_STEPS), default=8, show_default=True, help="token steps (levels 2, 3)")
+@click.option("--latent-steps", type=Int(1, MAX_STEPS), default=None, help="seq latent steps [default: --steps]")
+@click.option("--samples", type=Int(16, MAX_SAMPLES), default=1024, show_default=True,
               help="samples per precision for the distribution check")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=Int(0, MAX_SEED), default=0, show_default=True)
 @click.option("--evaluator", type=click.Path(path_type=str), default=None,
               help="text bundles: an AR checkpoint (lddm-train --variant ar) with the bundle's tokenizer, "
                    "which scores samples by generative perplexity")
@@ -34,9 +37,17 @@ def command(bundle_dir, ckpt, backend, precisions, device, steps, latent_steps, 
 
     Writes parity.json into the bundle and exits 1 when any tolerance fails.
     """
+    from lddm_export.manifest import read_manifest
     from lddm_export.verify import VerifyOptions, verify_bundle
+    from runtimes.schedules import latent_steps_for
 
+    check_input_file(ckpt, "--ckpt", "pass the model.pt the bundle was built from")
+    if json_path:
+        check_target(json_path, "--json")
     options = VerifyOptions(backend=backend, precisions=precisions, device=device, seed=seed, steps=steps,
                             latent_steps=latent_steps, distribution_samples=samples, evaluator=evaluator)
+    manifest = read_manifest(bundle_dir)
+    check_job(samples, options.batch_size, steps, latent_steps_for(manifest["variant"], steps, latent_steps),
+              manifest["shapes"])
     report = verify_bundle(bundle_dir, ckpt, options, json_path, log=click.echo)
     click.echo(f"[verify] {report['bundle']}: all parity checks passed (parity.json written)")
