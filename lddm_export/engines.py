@@ -10,8 +10,12 @@ that is the one way that works on both TensorRT 10.x and 11.x:
   the only mode since 10.0, where the flag was deprecated and ignored); it is not used.
 - NetworkDefinitionCreationFlag.STRONGLY_TYPED exists in both (11 deprecates it as always on).
 
-This module needs only tensorrt and the CUDA driver (no torch, no onnx, no
-training/): `lddm-export build --bundle DIR --engines on` runs it on a Jetson.
+BuilderFlag.TF32 is on by default, strongly typed networks included; it is cleared, so the
+FP32 engines and the FP16 engines' FP32 islands compute in FP32, as the reference does.
+
+This module needs only tensorrt, the CUDA driver and onnx (to find a graph's external-data
+files for its hash), no torch and no training/: `lddm-export build --bundle DIR --engines on`
+runs it on a Jetson.
 
 Engine files are named engines/<graph>.<precision>.<gpu>.trt<version>.plan, where <gpu> is
 the slugged GPU name plus its compute capability (e.g. orin-sm87), and each is recorded in
@@ -20,11 +24,11 @@ the manifest's "engines" list with what the runner checks before loading it.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Callable
 
-from runtimes.bundle import sha256_file
-from runtimes.cuda_util import GpuIdentity, gpu_identity, import_tensorrt, tensorrt_logger
+from runtimes.cuda_util import GpuIdentity, cache_root, gpu_identity, import_tensorrt, onnx_sha256, tensorrt_logger
 from runtimes.errors import EngineBuildError
 
 ENGINES_OFF = "use --engines off"
@@ -59,13 +63,12 @@ def profile_shapes(tensor: dict, profile: dict) -> tuple[tuple[int, ...], ...]:
 
 
 def default_timing_cache(gpu: GpuIdentity, trt_version: str) -> Path:
-    """Where the timing cache lives between builds: a per-user cache, one file per GPU and version.
+    """Where the timing cache lives between builds: in cache_root(), one file per GPU and version.
 
     Not in the bundle: every build writes a fresh bundle directory, and the cache is worth
     keeping across bundles (it holds kernel timings, not the model).
     """
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return root / "lddm-export" / f"timing.{gpu.tag}.trt{trt_version}.cache"
+    return cache_root() / f"timing.{gpu.tag}.trt{trt_version}.cache"
 
 
 def build_engines(bundle_dir: str | Path, manifest: dict, precisions: list[str], profile: dict,
@@ -84,7 +87,8 @@ def build_engines(bundle_dir: str | Path, manifest: dict, precisions: list[str],
         timing_cache: the timing-cache file reused across builds (default_timing_cache()).
     Returns:
         the manifest's "engines" entries: {"graph", "precision", "file", "onnx_file",
-        "onnx_sha256", "trt_version", "gpu_name", "compute_capability", "profile"}.
+        "onnx_sha256", "trt_version", "gpu_name", "compute_capability", "profile"}, where
+        "onnx_sha256" is runtimes.cuda_util.onnx_sha256 (external-data files included).
         The caller records the written files in the manifest's "files" table.
     Raises:
         BackendUnavailable: tensorrt does not import, or there is no CUDA GPU.
@@ -107,7 +111,7 @@ def build_engines(bundle_dir: str | Path, manifest: dict, precisions: list[str],
             with open(bundle_dir / engine_file, "wb") as f:
                 f.write(plan)
             entries.append({"graph": graph, "precision": precision, "file": engine_file,
-                            "onnx_file": onnx_file, "onnx_sha256": sha256_file(bundle_dir / onnx_file),
+                            "onnx_file": onnx_file, "onnx_sha256": onnx_sha256(bundle_dir / onnx_file),
                             "trt_version": trt.__version__, "gpu_name": gpu.name,
                             "compute_capability": gpu.compute_capability, "profile": dict(profile)})
     return entries
@@ -142,13 +146,14 @@ def _build_plan(trt, onnx_path: Path, inputs: list[dict], profile: dict, workspa
         raise EngineBuildError(f"TensorRT {trt.__version__} could not parse {onnx_path}: {errors}; "
                                f"re-export the graph (lddm-export build --force) or {ENGINES_OFF}")
     config = builder.create_builder_config()
+    config.clear_flag(trt.BuilderFlag.TF32)
     if workspace_mb is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mb) << 20)
     opt_profile = builder.create_optimization_profile()
     for tensor in inputs:
         opt_profile.set_shape(tensor["name"], *profile_shapes(tensor, profile))
     config.add_optimization_profile(opt_profile)
-    timing_cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
+    timing_cache = config.create_timing_cache(_read_cache(cache_path))
     if timing_cache is None or not config.set_timing_cache(timing_cache, ignore_mismatch=False):
         # A corrupt cache file, or one for another device or version: start afresh rather than fail.
         timing_cache = config.create_timing_cache(b"")
@@ -157,14 +162,29 @@ def _build_plan(trt, onnx_path: Path, inputs: list[dict], profile: dict, workspa
     if plan is None:
         raise EngineBuildError(f"TensorRT {trt.__version__} failed to build an engine from {onnx_path} "
                                f"(see the TensorRT log above); a larger --workspace-mb or {ENGINES_OFF}")
-    _write_atomic(cache_path, timing_cache.serialize())
+    try:
+        _write_atomic(cache_path, timing_cache.serialize())
+    except OSError as e:
+        warnings.warn(f"could not save the TensorRT timing cache {cache_path} ({e}); the engine is kept, "
+                      f"later builds only take longer (pass a writable timing-cache path)", RuntimeWarning)
     return plan
+
+
+def _read_cache(path: Path) -> bytes:
+    """The timing cache's bytes, or b"" (a fresh cache) when there is none or it cannot be read."""
+    try:
+        return path.read_bytes()
+    except OSError:
+        return b""
 
 
 def _write_atomic(path: Path, data) -> None:
     """Write bytes (or a buffer) to path through a temporary file, so readers never see half."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,4 +1,5 @@
-"""GPU and TensorRT helpers that need no torch: which GPU this is, importing tensorrt.
+"""GPU and TensorRT helpers that need no torch: which GPU this is, importing tensorrt, where
+caches live, and the hash that ties an engine to its ONNX graph.
 
 The engine-build path on a Jetson must need only tensorrt, onnx and numpy, so the GPU is
 queried through the driver library itself (libcuda.so.1, present wherever a CUDA GPU is: on
@@ -10,9 +11,13 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import hashlib
+import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
+from runtimes.bundle import sha256_file
 from runtimes.errors import BackendUnavailable
 
 # From cuda.h (CUdevice_attribute); stable since CUDA 2.x.
@@ -101,3 +106,46 @@ def tensorrt_logger():
     """The process's one trt.Logger (warnings and errors go to stderr)."""
     import tensorrt as trt
     return trt.Logger(trt.Logger.WARNING)
+
+
+def cache_root() -> Path:
+    """The per-user cache directory: $XDG_CACHE_HOME/lddm-export, by default ~/.cache/lddm-export.
+
+    TensorRT timing caches and ONNX Runtime's TensorRT-provider caches live here, never in a
+    bundle: a bundle's files are hashed into its manifest, and a bundle may be read-only.
+    """
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lddm-export"
+
+
+def onnx_sha256(path: str | Path) -> str:
+    """The sha256 of an ONNX graph together with its weights, as hex.
+
+    Returns:
+        for a graph with inline weights, the sha256 of the file itself; for one with external
+        data, the sha256 of the file's digest followed by each external file's name and digest,
+        so that changed weights change the hash.
+    """
+    import onnx
+
+    path = Path(path)
+    model = onnx.load(str(path), load_external_data=False)
+    locations = sorted({entry.value for tensor in _graph_tensors(model.graph)
+                        for entry in tensor.external_data if entry.key == "location"})
+    if not locations:
+        return sha256_file(path)
+    h = hashlib.sha256(sha256_file(path).encode())
+    for location in locations:
+        h.update(f"\0{location}\0{sha256_file(path.parent / location)}".encode())
+    return h.hexdigest()
+
+
+def _graph_tensors(graph):
+    """Every TensorProto of a graph: initializers and node attributes, subgraphs included."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _graph_tensors(sub)

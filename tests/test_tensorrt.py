@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from lddm_export.engines import build_engines, engine_file_name, profile_shapes, tensorrt_available
 from runtimes.backends.trt_runner import TrtRunner, select_engine_entry
-from runtimes.bundle import Bundle
+from runtimes.bundle import Bundle, sha256_file
 from runtimes.cuda_util import GpuIdentity, gpu_identity
 from runtimes.errors import BackendUnavailable, EngineBuildError, ShapeMismatch
 from runtimes.spec import graph_specs
@@ -32,15 +33,25 @@ PROFILE = {"min": 1, "opt": 2, "max": 4}
 
 # --- a tiny bundle
 
-def tiny_denoiser(fp16: bool) -> onnx.ModelProto:
-    """log_probs = log_softmax(E[x_t] + t * w): FP16 compute between casts when fp16."""
+def tiny_denoiser(fp16: bool, hidden: int = 0) -> onnx.ModelProto:
+    """log_probs = log_softmax(E[x_t] + t * w): FP16 compute between casts when fp16.
+
+    With hidden = H > 0, E is [V, H] and two MatMuls follow the Gather, E[x_t] @ W1 @ W2 (W1 [H, H],
+    W2 [H, V], both scaled by 1/sqrt(H)): wide enough that TF32 would show at 1e-4.
+    """
     rng = np.random.default_rng(0)
     dtype, onnx_type = (np.float16, TensorProto.FLOAT16) if fp16 else (np.float32, TensorProto.FLOAT)
-    inits = [numpy_helper.from_array(rng.standard_normal((V, V)).astype(dtype), "E"),
+    inits = [numpy_helper.from_array(rng.standard_normal((V, hidden or V)).astype(dtype), "E"),
              numpy_helper.from_array(rng.standard_normal(V).astype(dtype), "w"),
              numpy_helper.from_array(np.array([1, 2], np.int64), "axes")]
-    nodes = [helper.make_node("Gather", ["E", "x_t"], ["emb"]),                    # (B, L, V)
-             helper.make_node("Cast", ["t"], ["t_c"], to=onnx_type),
+    nodes = [helper.make_node("Gather", ["E", "x_t"], ["emb" if not hidden else "e"])]   # (B, L, H or V)
+    if hidden:
+        scale = 1 / np.sqrt(hidden)
+        inits += [numpy_helper.from_array((rng.standard_normal((hidden, hidden)) * scale).astype(dtype), "W1"),
+                  numpy_helper.from_array((rng.standard_normal((hidden, V)) * scale).astype(dtype), "W2")]
+        nodes += [helper.make_node("MatMul", ["e", "W1"], ["e1"]),                 # (B, L, H)
+                  helper.make_node("MatMul", ["e1", "W2"], ["emb"])]               # (B, L, V)
+    nodes += [helper.make_node("Cast", ["t"], ["t_c"], to=onnx_type),
              helper.make_node("Unsqueeze", ["t_c", "axes"], ["t3"]),               # (B, 1, 1)
              helper.make_node("Mul", ["t3", "w"], ["tw"]),                         # (B, 1, V)
              helper.make_node("Add", ["emb", "tw"], ["h"]),
@@ -57,21 +68,31 @@ def tiny_denoiser(fp16: bool) -> onnx.ModelProto:
     return model
 
 
-def make_bundle(root: Path) -> Path:
-    """A bundle directory with the tiny denoiser in fp32 and fp16 and a manifest, no engines."""
+def make_bundle(root: Path, hidden: int = 0) -> Path:
+    """A bundle directory with the tiny denoiser (see tiny_denoiser) in fp32 and fp16 and a manifest, no engines."""
     (root / "onnx").mkdir(parents=True)
     onnx_files = {}
     for precision in ("fp32", "fp16"):
         onnx_files[precision] = f"onnx/denoiser.{precision}.onnx"
-        onnx.save(tiny_denoiser(precision == "fp16"), str(root / onnx_files[precision]))
-    spec = graph_specs("mdlm", L, 0, 0, V)["denoiser"]
-    manifest = {"format": "lddm-bundle", "version": 1, "variant": "mdlm", "config": {},
-                "shapes": {"L": L, "P": 0, "D": 0, "V": V, "mask_id": V - 1}, "schedule": {},
+        onnx.save(tiny_denoiser(precision == "fp16", hidden), str(root / onnx_files[precision]))
+    spec = graph_specs("mdlm", L, 1, 1, V)["denoiser"]
+    schedule = {"mask": {"kind": "loglinear", "eps": 1e-3}, "latent": {"kind": "sqrt", "eps": 1e-4}}
+    config = {"variant": "mdlm", "vocab_size": V - 1, "seq_len": L, "n_latent": 1, "latent_dim": 1,
+              "mask_schedule": "loglinear", "mask_eps": 1e-3, "latent_schedule": "sqrt", "latent_eps": 1e-4}
+    manifest = {"format": "lddm-bundle", "version": 1, "variant": "mdlm", "config": config,
+                "shapes": {"L": L, "P": 1, "D": 1, "V": V, "mask_id": V - 1}, "schedule": schedule,
                 "graphs": {"denoiser": {**spec.to_dict(), "onnx": onnx_files}},
-                "batch_profile": dict(PROFILE), "opset": 18, "engines": [], "tokenizer": None,
-                "checkpoint": {}, "files": {}, "tools": {}}
-    (root / "manifest.json").write_text(json.dumps(manifest, indent=1))
+                "batch_profile": dict(PROFILE), "opset": 18, "engines": [], "tokenizer": None, "data": None,
+                "checkpoint": {"path": "/nonexistent/model.pt", "sha256": "0" * 64}, "files": {}, "tools": {}}
+    write_manifest(root, manifest)
     return root
+
+
+def write_manifest(root: Path, manifest: dict) -> None:
+    """Write manifest.json with its files table listing every file of the bundle but the manifest."""
+    manifest["files"] = {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(root.rglob("*"))
+                         if p.is_file() and p.name != "manifest.json"}
+    (root / "manifest.json").write_text(json.dumps(manifest, indent=1))
 
 
 def feed(batch: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -103,15 +124,30 @@ def _entry(**changes) -> dict:
     return {**entry, **changes}
 
 
-def _select(engines, precision="fp16", sha="a" * 64, version="10.3.0", cc="8.7"):
-    return select_engine_entry("/b", engines, "denoiser", precision, sha, version, cc)
+def _select(engines, precision="fp16", sha="a" * 64, version="10.3.0", cc="8.7", name="Orin"):
+    return select_engine_entry("/b", engines, "denoiser", precision, sha, version, GpuIdentity(name, cc))
 
 
 def test_the_engine_that_fits_this_machine_is_chosen():
     server = _entry(file="engines/x.plan", gpu_name="NVIDIA H100", compute_capability="9.0", trt_version="11.4.0.106")
     jetson = _entry()
     assert _select([server, jetson]) is jetson
-    assert _select([server, jetson], version="11.4.0.106", cc="9.0") is server
+    assert _select([server, jetson], version="11.4.0.106", cc="9.0", name="NVIDIA H100") is server
+
+
+def test_an_engine_built_on_a_gpu_of_this_name_is_preferred():
+    l4 = _entry(file="engines/l4.plan", gpu_name="NVIDIA L4", compute_capability="8.9")
+    rtx = _entry(file="engines/rtx.plan", gpu_name="NVIDIA GeForce RTX 4090", compute_capability="8.9")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _select([l4, rtx], cc="8.9", name="NVIDIA GeForce RTX 4090") is rtx
+
+
+def test_an_engine_matching_only_the_compute_capability_runs_with_a_warning():
+    l4 = _entry(file="engines/l4.plan", gpu_name="NVIDIA L4", compute_capability="8.9")
+    with pytest.warns(RuntimeWarning, match=r"engines/l4.plan was built on NVIDIA L4, not on this NVIDIA "
+                                            r"GeForce RTX 4090 \(same compute capability 8.9\).*--engines on"):
+        assert _select([l4], cc="8.9", name="NVIDIA GeForce RTX 4090") is l4
 
 
 @pytest.mark.parametrize("what, kwargs", [
@@ -243,7 +279,7 @@ def built(tmp_path_factory):
     manifest = json.loads((root / "manifest.json").read_text())
     manifest["engines"] = build_engines(root, manifest, ["fp32", "fp16"], PROFILE, workspace_mb=256,
                                         log=lambda line: None, timing_cache=cache)
-    (root / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    write_manifest(root, manifest)
     return root, cache
 
 
@@ -281,6 +317,20 @@ def test_engine_matches_onnxruntime(built, precision, atol, use_cuda_graph):
             assert got.device.type == "cuda" and got.dtype == torch.float32
             want = ort_reference(root, precision, inputs)
             np.testing.assert_allclose(got.cpu().numpy(), want, atol=atol, rtol=0)
+
+
+@needs_tensorrt
+def test_fp32_engines_compute_in_fp32_not_tf32(tmp_path):
+    """Two 1024-wide MatMuls: in TF32 (10-bit mantissas) they would be off by about 1e-3."""
+    root = make_bundle(tmp_path / "b", hidden=1024)
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["engines"] = build_engines(root, manifest, ["fp32"], PROFILE, log=lambda line: None,
+                                        timing_cache=tmp_path / "timing.cache")
+    write_manifest(root, manifest)
+    inputs = feed(4)
+    with TrtRunner(Bundle.open(root), "denoiser", "fp32", use_cuda_graph=False) as runner:
+        got = runner.infer({k: v.cuda() for k, v in inputs.items()})["log_probs"].cpu().numpy()
+    np.testing.assert_allclose(got, ort_reference(root, "fp32", inputs), atol=1e-4, rtol=0)
 
 
 @needs_tensorrt

@@ -7,7 +7,8 @@ onnxruntime-gpu or tensorrt):
     torch    the reference modules from the bundle's checkpoint: eager, torch.compile'd, CUDA graphs;
              fp32, or fp16 by autocast on CUDA
     ort      ONNX Runtime: CPU provider on --device cpu, CUDA provider on --device cuda
-    ort-trt  ONNX Runtime with its TensorRT execution provider (CUDA as fallback)
+    ort-trt  ONNX Runtime with its TensorRT execution provider (CUDA runs the nodes TensorRT rejects;
+             its FP16 is weakly typed, so native trt is the FP16 path of record)
     trt      native TensorRT engines recorded in the manifest (CUDA only)
 
 Every backend enforces the bundle's batch profile (manifest "batch_profile" max), so a batch
@@ -78,7 +79,8 @@ def make_runners(bundle: Bundle, backend: str, precision: str = "fp32", device: 
         threads: ort on the CPU: intra-op threads per session (None: onnxruntime's default).
         compile: torch backend only: torch.compile the modules (inside the CUDA graph, if any).
     Returns:
-        graph name -> Runner; activate them (or use them as context managers) before infer().
+        graph name -> Runner; activate them (or use them as context managers) before infer(),
+        and deactivate them when done: on a GPU each holds its engine or session and buffers.
         With CUDA graphs (torch) and on trt, infer() returns the runner's own output buffers,
         overwritten by its next call at the same batch size (no [B, L, V] copy per step; the
         samplers clone what they keep): clone outputs that must outlive the next call.
