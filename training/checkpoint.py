@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 import pickle
 import re
 import reprlib
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
