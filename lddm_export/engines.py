@@ -23,13 +23,13 @@ the manifest's "engines" list with what the runner checks before loading it.
 """
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 from typing import Callable
 
 from runtimes.cuda_util import GpuIdentity, cache_root, gpu_identity, import_tensorrt, onnx_sha256, tensorrt_logger
 from runtimes.errors import EngineBuildError
+from runtimes.fileio import WriteError, write_atomic
 
 ENGINES_OFF = "use --engines off"
 
@@ -162,9 +162,11 @@ def _build_plan(trt, onnx_path: Path, inputs: list[dict], profile: dict, workspa
     if plan is None:
         raise EngineBuildError(f"TensorRT {trt.__version__} failed to build an engine from {onnx_path} "
                                f"(see the TensorRT log above); a larger --workspace-mb or {ENGINES_OFF}")
+    data = timing_cache.serialize()
     try:
-        _write_atomic(cache_path, timing_cache.serialize())
-    except OSError as e:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(cache_path, lambda f: f.write(data), "the TensorRT timing cache")
+    except (OSError, WriteError) as e:
         warnings.warn(f"could not save the TensorRT timing cache {cache_path} ({e}); the engine is kept, "
                       f"later builds only take longer (pass a writable timing-cache path)", RuntimeWarning)
     return plan
@@ -176,15 +178,3 @@ def _read_cache(path: Path) -> bytes:
         return path.read_bytes()
     except OSError:
         return b""
-
-
-def _write_atomic(path: Path, data) -> None:
-    """Write bytes (or a buffer) to path through a temporary file, so readers never see half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
