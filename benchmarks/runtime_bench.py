@@ -57,7 +57,7 @@ def matmul_flops(path: Path, batch: int) -> int:
     model = onnx.load(str(path))
     for value in list(model.graph.input) + list(model.graph.output):
         for dim in value.type.tensor_type.shape.dim:
-            if dim.dim_param:  # the batch axis, the only symbolic one (DESIGN)
+            if dim.dim_param:  # the batch axis, the only symbolic one (docs/design.md)
                 dim.dim_value = batch
     del model.graph.value_info[:]
     model = onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)

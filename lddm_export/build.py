@@ -1,4 +1,4 @@
-"""The build pipeline: checkpoint -> bundle (DESIGN.md, "The bundle").
+"""The build pipeline: checkpoint -> bundle (docs/design.md, "The bundle").
 
 Stages, each reported on one line through `log`:
   1. checkpoint  read and check it (format, config, NaN/Inf weights), hash it;

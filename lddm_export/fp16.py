@@ -207,7 +207,7 @@ def to_mixed_fp16_with_report(model: onnx.ModelProto, keep_fp32_nodes=()) -> tup
                     if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute)]
     if control_flow:
         raise LddmError(f"the FP16 pass does not handle control-flow nodes ({control_flow[:3]}); "
-                        f"export graphs without If/Loop/Scan, as DESIGN.md requires")
+                        f"export graphs without If/Loop/Scan, as docs/design.md requires")
     out = onnx.ModelProto()
     out.CopyFrom(model)
     for i, node in enumerate(out.graph.node):  # the pass keys its decisions by node name

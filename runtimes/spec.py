@@ -91,7 +91,7 @@ class GraphSpec:
 
 
 def graph_specs(variant: str, L: int, P: int, D: int, V: int) -> dict[str, GraphSpec]:
-    """The DESIGN.md graph table for one variant and its fixed sizes."""
+    """The docs/design.md graph table for one variant and its fixed sizes."""
     B = BATCH
     tokens = TensorSpec("tokens", "int64", (B, L))
     x_t = TensorSpec("x_t", "int64", (B, L))

@@ -1,4 +1,4 @@
-"""Every parity tolerance of the project, in one place (DESIGN.md, "Parity").
+"""Every parity tolerance of the project, in one place (docs/design.md, "Parity").
 
 Three levels, each read by the export tests, by `lddm-export verify` and reported in
 parity.json:

@@ -1,4 +1,4 @@
-"""The checkpoint format of DESIGN.md: a plain dict saved with torch.save, loaded weights_only.
+"""The checkpoint format of docs/design.md: a plain dict saved with torch.save, loaded weights_only.
 
     {"format": "lddm-checkpoint", "version": 1, "config": {...}, "state_dict": {...},
      "tokenizer": {...} | None, "train": {...}}

@@ -276,7 +276,7 @@ class LDDM(nn.Module):
 
 
 # ----------------------------------------------------------------------------- graph wrappers
-# The exact functions exported to ONNX (DESIGN.md, "The graphs"): fixed positional signatures,
+# The exact functions exported to ONNX (docs/design.md, "The graphs"): fixed positional signatures,
 # tensors in, tensors out.
 
 class EncoderGraph(nn.Module):
@@ -333,7 +333,7 @@ GRAPHS_BY_VARIANT: dict[str, dict[str, type[nn.Module]]] = {
 
 
 def graph_modules(model: LDDM) -> dict[str, nn.Module]:
-    """The graph name -> wrapper module table of DESIGN.md for this model's variant."""
+    """The graph name -> wrapper module table of docs/design.md for this model's variant."""
     if model.cfg.variant not in GRAPHS_BY_VARIANT:
         raise ValueError(f"variant {model.cfg.variant!r} has no exported graphs; "
                          f"exportable variants are {sorted(GRAPHS_BY_VARIANT)}")
