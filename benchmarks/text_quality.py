@@ -22,13 +22,17 @@ pass (--score) needs every cell and writes results/text.json, text_run.json and 
 
     python benchmarks/text_quality.py --rows mdlm,fuji          # one process
     python benchmarks/text_quality.py --rows seq,seq_ty=T,fuji_fresh_latent,seq_fresh_latent
-    python benchmarks/text_quality.py --score                   # results/text.{json,png}
+    python benchmarks/text_quality.py --score                   # results/text.json, text_*.png
+
+The full counts take about 3 CPU-hours at the shipped size; --reduced-from 16 --reduced-num 32
+(the recorded run) keeps 5 x 256 samples for T <= 8 and draws 5 x 32 for the long chains.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -108,8 +112,13 @@ def latent_steps_of(row: str, steps: int, args) -> int | None:
     return steps if row == "seq_ty=T" else args.seq_latent_steps
 
 
+def samples_per_seed(args, steps: int) -> int:
+    """--num, or --reduced-num for chains of --reduced-from steps and more (their cost is ~T)."""
+    return args.reduced_num if args.reduced_from and steps >= args.reduced_from else args.num
+
+
 def cell_path(args, row: str, steps: int, seed: int) -> Path:
-    return Path(args.cache) / f"{row}_T{steps}_seed{seed}_n{args.num}.npy"
+    return Path(args.cache) / f"{row}_T{steps}_seed{seed}_n{samples_per_seed(args, steps)}.npy"
 
 
 def draw_row(row: str, args) -> None:
@@ -124,7 +133,8 @@ def draw_row(row: str, args) -> None:
             if row.endswith("fresh_latent"):
                 model = with_fresh_latent(model, seed)
             start = time.perf_counter()
-            tokens = sample(model, seed, args.num, steps, latent_steps_of(row, steps, args), args.batch_size).tokens
+            tokens = sample(model, seed, samples_per_seed(args, steps), steps, latent_steps_of(row, steps, args),
+                            args.batch_size).tokens
             tmp = out.with_name(out.name + ".tmp.npy")
             np.save(tmp, tokens.numpy())
             tmp.replace(out)
@@ -138,6 +148,7 @@ def latent_information(args, blocks: torch.Tensor) -> dict:
 
     The difference is what the latent channel tells the token denoiser about the masked
     tokens; MDLM, which has no latent, is the baseline. Same t, masks and noise for all.
+    Also the spread of the encoder's latent over the held-out texts (encoder_latent_std).
     """
     from training.data import HELDOUT_SEED
     from training.losses import LossOptions, compute_loss
@@ -155,6 +166,9 @@ def latent_information(args, blocks: torch.Tensor) -> dict:
                 losses = [compute_loss(model.eval(), batch, g, stage=2, lambda_y=0.0, opts=LossOptions()).loss_x
                           for batch in blocks.split(args.batch_size)]
             row[name] = float(np.mean(losses))
+        if variant != "mdlm":
+            with torch.no_grad():  # 0: one latent for every text (collapsed); ~1: as varied as N(0, I)
+                row["encoder_latent_std"] = float(model.encoder(blocks).std(dim=0).mean())
         out[variant] = row
         print(f"held-out L_x {variant}: {row}", flush=True)
     return out
@@ -196,14 +210,16 @@ def score(args) -> None:
             ppl = [ar_perplexity(ar, tokens) for tokens in cells]
             entropy = [unigram_entropy(tokens) for tokens in cells]
             results[row][str(steps)] = {"gen_ppl": float(np.mean(ppl)), "gen_ppl_std": float(np.std(ppl, ddof=1)),
-                                        "entropy": float(np.mean(entropy)), "entropy_std": float(np.std(entropy, ddof=1))}
+                                        "entropy": float(np.mean(entropy)), "entropy_std": float(np.std(entropy, ddof=1)),
+                                        "samples": sum(len(tokens) for tokens in cells)}
             print(f"{row:18s} T={steps:3d}  gen PPL {np.mean(ppl):8.2f} +- {np.std(ppl, ddof=1):6.2f}  "
                   f"entropy {np.mean(entropy):.3f}", flush=True)
         results[row] = dict(sorted(results[row].items(), key=lambda kv: int(kv[0])))
     results_dir = Path(args.results)
     results_dir.mkdir(parents=True, exist_ok=True)
     (results_dir / "text.json").write_text(json.dumps(results, indent=2) + "\n")
-    run = {"command": "python benchmarks/text_quality.py --score", "num_per_seed": args.num, "seeds": args.seeds,
+    run = {"command": " ".join(["python", "benchmarks/text_quality.py", *sys.argv[1:]]),
+           "samples_per_seed": {s: samples_per_seed(args, s) for s in args.steps}, "seeds": args.seeds,
            "seq_latent_steps": args.seq_latent_steps, "ar_samples": {"num": args.num, "seed": args.seeds[0]},
            "checkpoints": {v: {"path": str(p), "sha256": sha256_file(p)} for v, p in checkpoints.items()},
            "samples": {row: {steps: decode_ids(ar_ckpt["tokenizer"], load_cell(args, row, steps, args.seeds[0])[:3])
@@ -213,6 +229,17 @@ def score(args) -> None:
            "latent_information": latent_information(args, blocks)}
     (results_dir / "text_run.json").write_text(json.dumps(run, indent=2) + "\n")
     plot(results, args)
+    print(markdown_table(results, args))
+
+
+def markdown_table(results: dict, args) -> str:
+    """Gen PPL (mean ± std over seeds) and entropy per row and T, as a markdown table."""
+    lines = ["| model | " + " | ".join(f"T={s}" for s in args.steps) + " |", "|---|" + "---|" * len(args.steps)]
+    for row in args.rows:
+        cells = [results[row].get(str(s)) for s in args.steps]
+        lines.append(f"| {row} | " + " | ".join(
+            f"{c['gen_ppl']:.1f} ± {c['gen_ppl_std']:.1f} ({c['entropy']:.2f})" if c else "" for c in cells) + " |")
+    return "\n".join(lines)
 
 
 def plot(results: dict, args) -> None:
@@ -243,7 +270,8 @@ def plot(results: dict, args) -> None:
             ax.set_yscale("log")
         ax.set_xlabel("token steps T")
         ax.set_ylabel(ylabel)
-        ax.set_title(f"Tiny Shakespeare, {len(args.seeds)} seeds x {args.num} samples per point")
+        reduced = f" ({args.reduced_num} for T >= {args.reduced_from})" if args.reduced_from else ""
+        ax.set_title(f"Tiny Shakespeare, {len(args.seeds)} seeds x {args.num} samples per point{reduced}", fontsize=9)
         ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(Path(args.results) / name, dpi=120)
@@ -262,6 +290,9 @@ def main() -> None:
     p.add_argument("--seq-latent-steps", type=int, default=128)
     p.add_argument("--seeds", default="0,1,2,3,4")
     p.add_argument("--num", type=int, default=256, help="samples per seed")
+    p.add_argument("--reduced-num", type=int, default=64, help="samples per seed of the long chains (--reduced-from)")
+    p.add_argument("--reduced-from", type=int, default=0,
+                   help="chains of this many token steps or more draw --reduced-num samples per seed (0: none)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--score", action="store_true", help="score the cached samples and write results/")
