@@ -63,7 +63,7 @@ VARIANTS = ("mdlm", "fuji", "seq")
 PRECISIONS = ("fp32", "fp16")
 REQUIRED = ("format", "version", "variant", "config", "shapes", "schedule", "graphs", "batch_profile",
             "opset", "engines", "tokenizer", "data", "checkpoint", "files", "tools")
-MASK_KINDS = ("linear", "loglinear")   # as runtimes/schedules.py, which imports torch and so is not imported here
+MASK_KINDS = ("linear", "loglinear")   # the schedules runtimes/schedules.py implements
 LATENT_KINDS = ("sqrt", "cosine")
 # The largest L, P, D or V: 2**24 is far beyond any model exported here (the "base" preset has
 # L = 128; a 256k-token vocabulary is 2**18), and an absurd size must not reach an allocation.
@@ -429,7 +429,7 @@ def _check_onnx(bundle: Bundle, graph: str, rel: str, strict: bool) -> None:
     except (OSError, ValueError, DecodeError) as e:
         raise BundleError(f"bundle file {path} is not an ONNX model ({str(e)[:80]}); {REBUILD}") from None
     try:
-        tensors = list(_tensors(model))
+        tensors = list(onnx_tensors(model))
     except RecursionError:
         raise BundleError(f"bundle file {path} nests subgraphs too deeply to check; {REBUILD}") from None
     for tensor in tensors:
@@ -460,7 +460,7 @@ def _check_external(bundle: Bundle, onnx_rel: str, info: dict) -> None:
                           f"{length!r}, outside that file; {REBUILD}")
 
 
-def _tensors(message):
+def onnx_tensors(message):
     """Every TensorProto anywhere in an ONNX message: initializers, attributes, subgraphs, functions."""
     for field, value in message.ListFields():
         if field.message_type is None:
@@ -468,7 +468,7 @@ def _tensors(message):
         for item in (value,) if hasattr(value, "ListFields") else value:
             if item.DESCRIPTOR.name == "TensorProto":
                 yield item
-            yield from _tensors(item)
+            yield from onnx_tensors(item)
 
 
 def _onnx_type(value) -> tuple:

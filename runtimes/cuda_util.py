@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtimes.bundle import sha256_file
+from runtimes.bundle import onnx_tensors, sha256_file
 from runtimes.errors import BackendUnavailable
 
 # From cuda.h (CUdevice_attribute); stable since CUDA 2.x.
@@ -129,7 +129,7 @@ def onnx_sha256(path: str | Path) -> str:
 
     path = Path(path)
     model = onnx.load(str(path), load_external_data=False)
-    locations = sorted({entry.value for tensor in _graph_tensors(model.graph)
+    locations = sorted({entry.value for tensor in onnx_tensors(model)
                         for entry in tensor.external_data if entry.key == "location"})
     if not locations:
         return sha256_file(path)
@@ -138,14 +138,3 @@ def onnx_sha256(path: str | Path) -> str:
         h.update(f"\0{location}\0{sha256_file(path.parent / location)}".encode())
     return h.hexdigest()
 
-
-def _graph_tensors(graph):
-    """Every TensorProto of a graph: initializers and node attributes, subgraphs included."""
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                yield from _graph_tensors(sub)

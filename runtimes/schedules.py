@@ -17,10 +17,8 @@ import math
 
 import torch
 
+from runtimes.bundle import LATENT_KINDS, MASK_KINDS
 from runtimes.errors import BundleError
-
-MASK_KINDS = ("linear", "loglinear")
-LATENT_KINDS = ("sqrt", "cosine")
 
 
 class MaskSchedule:
