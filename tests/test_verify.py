@@ -12,11 +12,12 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from bundle_fixture import tiny_checkpoint
+from bundle_fixture import tiny_checkpoint, tiny_config
 from lddm_export.build import build_bundle, parse_options
 from lddm_export.manifest import read_manifest, write_manifest
 from lddm_export.verify import VerifyOptions, verify_bundle
 from runtimes.errors import BundleError, ToleranceExceeded
+from training.checkpoint import CheckpointError
 
 FAST = VerifyOptions(steps=4, latent_steps=4, trajectory_samples=4, distribution_samples=32, batch_size=32)
 
@@ -140,6 +141,19 @@ def test_text_bundle_is_judged_by_generative_perplexity(text_built):
     assert set(metrics["gen_ppl"]["precisions"]) == {"fp32", "fp16"}
 
 
+def _ar_with_another_bpe(path: Path) -> Path:
+    """An AR checkpoint whose BPE is trained on other text than the bundle's."""
+    from training.checkpoint import save_checkpoint
+    from training.data import tokenizer_entry, train_bpe_tokenizer
+    from training.model import LDDM
+
+    words = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "lambda"]
+    lines = [" ".join(words[(i * 7 + j) % 8] + str(i % 13) for j in range(6)) for i in range(400)]
+    entry = tokenizer_entry(train_bpe_tokenizer(lines, 280), "bpe")
+    save_checkpoint(path, LDDM(tiny_config("ar", vocab_size=entry["vocab_size"])), entry, {"steps": 0})
+    return path
+
+
 def test_text_bundle_needs_an_ar_evaluator_of_its_tokenizer(text_built, tmp_path):
     bundle, ckpt, evaluator = text_built
 
@@ -149,9 +163,13 @@ def test_text_bundle_needs_an_ar_evaluator_of_its_tokenizer(text_built, tmp_path
 
     with pytest.raises(BundleError, match="holds a text model; pass --evaluator"):
         verify_with(None)
+    with pytest.raises(CheckpointError, match="is a directory, not a file"):
+        verify_with(tmp_path)
     with pytest.raises(BundleError, match="is a fuji model, not an AR model"):
         verify_with(ckpt)
     with pytest.raises(BundleError, match="uses another tokenizer"):
         verify_with(tiny_checkpoint(tmp_path / "ar-no-tokenizer.pt", "ar"))
+    with pytest.raises(BundleError, match="uses another tokenizer"):
+        verify_with(_ar_with_another_bpe(tmp_path / "ar-other-bpe.pt"))
     with pytest.raises(BundleError, match="scores sequences of 8 tokens"):
         verify_with(tiny_checkpoint(tmp_path / "ar-short.pt", "ar", text=True, seq_len=8))

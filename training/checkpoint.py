@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from runtimes.bundle import tokenizer_problem
+from runtimes.fileio import check_input_file, write_atomic
 from training.config import ConfigError, ModelConfig
 from training.model import LDDM
 
@@ -45,8 +46,6 @@ def save_checkpoint(path: str | Path, model: LDDM, tokenizer: dict | None, train
     Raises:
         WriteError: the parent directory is missing, `path` is not a regular file, or the disk is full.
     """
-    from runtimes.fileio import write_atomic
-
     ckpt = {"format": FORMAT, "version": VERSION, "config": model.cfg.to_dict(),
             "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
             "tokenizer": tokenizer, "train": train}
@@ -56,8 +55,7 @@ def save_checkpoint(path: str | Path, model: LDDM, tokenizer: dict | None, train
 def read_checkpoint(path: str | Path) -> dict:
     """Load and validate the checkpoint dict (no model built). Raises CheckpointError."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist; pass the model.pt written by lddm-train")
+    check_input_file(path, "checkpoint", "pass the model.pt written by lddm-train", CheckpointError)
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols it is about to refuse
             warnings.simplefilter("ignore")

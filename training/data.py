@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from runtimes.fileio import check_input_file
 from training.checkpoint import CheckpointError
 from training.config import ConfigError
 
@@ -176,11 +177,8 @@ def read_text_lines(name: str) -> list[str]:
     if name == "lm1b":
         source, kwargs, what = "lm1b", {}, "--data lm1b"
     else:
-        path = Path(name[len("text:"):])
-        if path.is_dir():
-            raise ConfigError(f"--data {name}: {path} is a directory; pass text:PATH with a text file")
-        if not path.is_file():
-            raise ConfigError(f"--data {name}: the file {path} does not exist; pass text:PATH with a readable text file")
+        path = check_input_file(name[len("text:"):], f"--data {name}: the file",
+                                "pass text:PATH with a readable text file", ConfigError)
         try:
             check_utf8(path)
         except UnicodeDecodeError as e:

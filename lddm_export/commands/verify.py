@@ -42,6 +42,8 @@ def command(bundle_dir, ckpt, backend, precisions, device, steps, latent_steps, 
     from runtimes.schedules import latent_steps_for
 
     check_input_file(ckpt, "--ckpt", "pass the model.pt the bundle was built from")
+    if evaluator is not None:
+        check_input_file(evaluator, "--evaluator", "pass an AR checkpoint written by lddm-train --variant ar")
     if json_path:
         check_target(json_path, "--json")
     options = VerifyOptions(backend=backend, precisions=precisions, device=device, seed=seed, steps=steps,
