@@ -18,7 +18,7 @@ checkpoint must be the one the bundle was built from (sha256).
    Wasserstein distance to fresh data, within DISTRIBUTION_SWD_MARGIN of the reference's.
    Text: generative perplexity under an AR evaluator (--evaluator, an `lddm-train --variant
    ar` checkpoint with the bundle's tokenizer) within GEN_PPL_MARGIN, and unigram entropy
-   within DISTRIBUTION_SWD_MARGIN.
+   within ENTROPY_MARGIN.
 
 The report is printed as a table and written to <bundle>/parity.json (and --json FILE).
 """
@@ -48,8 +48,8 @@ from runtimes.noise import draw_noise
 from runtimes.samplers import Sampler, sample_batches
 from runtimes.schedules import latent_steps_for
 from runtimes.spec import BATCH
-from runtimes.tolerances import (DISTRIBUTION_SWD_MARGIN, FP16_KL, FP16_REL_L2, FP32_MAX_REL, GEN_PPL_MARGIN,
-                                 TRAJECTORY_TOKEN_AGREEMENT, graph_tolerances)
+from runtimes.tolerances import (DISTRIBUTION_SWD_MARGIN, ENTROPY_MARGIN, FP16_KL, FP16_REL_L2, FP32_MAX_REL,
+                                 GEN_PPL_MARGIN, TRAJECTORY_TOKEN_AGREEMENT, graph_tolerances)
 
 LEVEL1_BATCHES = (1, 3, 8)
 LEVEL1_TIMES = (0.001, 0.5, 0.999)
@@ -250,7 +250,7 @@ def load_evaluator(bundle: Bundle, path: str | Path | None):
         raise BundleError(f"--evaluator {path} is a {model.cfg.variant} model, not an AR model; "
                           f"pass a checkpoint trained with lddm-train --variant ar")
     tokenizer = bundle.manifest["tokenizer"]
-    if raw["tokenizer"] is None or tokenizer is None or raw["tokenizer"].get("json") != tokenizer.get("json"):
+    if raw["tokenizer"] is None or raw["tokenizer"].get("json") != tokenizer.get("json"):
         raise BundleError(f"--evaluator {path} uses another tokenizer than bundle {bundle.root}; "
                           f"pass an AR model trained on the bundle's corpus and vocabulary")
     if model.cfg.seq_len != bundle.shapes["L"]:
@@ -273,9 +273,9 @@ def distribution_metrics(bundle: Bundle, evaluator, options: VerifyOptions) -> d
                                torch.Generator().manual_seed(options.seed + 10_000))
         return {"swd_to_data": (lambda tokens: sliced_wasserstein(tokens, data), DISTRIBUTION_SWD_MARGIN)}
     if evaluator is None:
-        return {"unigram_entropy": (unigram_entropy, DISTRIBUTION_SWD_MARGIN)}
+        return {"unigram_entropy": (unigram_entropy, ENTROPY_MARGIN)}
     return {"gen_ppl": (lambda tokens: ar_perplexity(evaluator, tokens), GEN_PPL_MARGIN),
-            "unigram_entropy": (unigram_entropy, DISTRIBUTION_SWD_MARGIN)}
+            "unigram_entropy": (unigram_entropy, ENTROPY_MARGIN)}
 
 
 def verify_distribution(bundle: Bundle, ckpt: Path, options: VerifyOptions, evaluator, log: Log) -> dict:
@@ -318,7 +318,8 @@ def verify_bundle(bundle_dir: str | Path, ckpt: str | Path, options: VerifyOptio
               "variant": bundle.variant, "options": {**options.__dict__, "precisions": list(options.precisions)},
               "tolerances": {"fp32_max_rel": FP32_MAX_REL, "fp16_rel_l2": FP16_REL_L2, "fp16_kl": FP16_KL,
                              "trajectory_token_agreement": TRAJECTORY_TOKEN_AGREEMENT,
-                             "distribution_margin": DISTRIBUTION_SWD_MARGIN, "gen_ppl_margin": GEN_PPL_MARGIN},
+                             "distribution_margin": DISTRIBUTION_SWD_MARGIN, "gen_ppl_margin": GEN_PPL_MARGIN,
+                             "entropy_margin": ENTROPY_MARGIN},
               "graphs": {}, "trajectory": {}}
     for precision in options.precisions:
         report["graphs"][precision] = verify_graphs(bundle, ckpt, options, precision, log)
