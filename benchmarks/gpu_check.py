@@ -45,11 +45,12 @@ sys.path.insert(0, str(ROOT))
 from lddm_export.manifest import new_manifest  # noqa: E402
 from runtimes.backends.torch_runner import CheckpointModules, TorchRunner  # noqa: E402
 from runtimes.bundle import Bundle, sha256_file  # noqa: E402
-from runtimes.noise import draw_noise  # noqa: E402
+from runtimes.noise import draw_noise, latent_shape  # noqa: E402
 from runtimes.samplers import GRAPHS, Sampler  # noqa: E402
+from runtimes.schedules import latent_steps_for  # noqa: E402
 from runtimes.spec import graph_specs  # noqa: E402
 from training import sampling  # noqa: E402
-from training.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from training.checkpoint import load_checkpoint, load_reference_graphs, save_checkpoint  # noqa: E402
 from training.config import PRESETS, ModelConfig  # noqa: E402
 from training.model import LDDM  # noqa: E402
 
@@ -92,7 +93,7 @@ def make_sampler(bundle: Bundle, device: str, mode: Mode, modules: CheckpointMod
                  **options) -> Sampler:
     """The runtime sampler on the torch backend in `mode` (CUDA graphs only on a CUDA device); a
     compiled mode compiles the sampler's token step too."""
-    modules = modules or CheckpointModules(bundle)
+    modules = modules or CheckpointModules(bundle, load_reference_graphs)
     graphed = mode.cuda_graph and device.startswith("cuda")
     runners = {g: TorchRunner(bundle, g, device, modules, use_cuda_graph=graphed, precision=mode.precision,
                               compile=mode.compile).activate()
@@ -107,7 +108,7 @@ def baseline_of(mode_name: str) -> str:
 
 def noise_for(bundle: Bundle, seed: int, batch: int, steps: int):
     s = bundle.shapes
-    return draw_noise(seed, batch, steps, s["L"], None if bundle.variant == "mdlm" else (s["P"], s["D"]))
+    return draw_noise(seed, batch, steps, s["L"], latent_shape(bundle.variant, s))
 
 
 def sync(device: str) -> None:
@@ -155,11 +156,11 @@ def speed(variant: str, cfg: dict, work: Path, device: str, batch: int, modes: l
     """One row: per-step times of every mode at one batch size, speedups and overheads."""
     ckpt = speed_checkpoint(variant, cfg, work)
     bundle = checkpoint_bundle(ckpt, work / f"{variant}-speed")
-    modules = CheckpointModules(bundle)  # one copy of the weights for every mode
+    modules = CheckpointModules(bundle, load_reference_graphs)  # one copy of the weights for every mode
     model = modules()
     # The parameters the sampling loop runs (fuji's MM-DiT has two streams of weights: ~2x mdlm's).
     params = sum(p.numel() for g in GRAPHS[variant] for p in model[g].parameters())
-    latent = steps if variant == "seq" else None
+    latent = latent_steps_for(variant, steps)
     n_steps = steps + (latent or 0)
     noise = noise_for(bundle, 0, batch, steps)
     row = {"variant": variant, "params_M": round(params / 1e6, 1), "batch": batch, "steps": n_steps}
@@ -193,14 +194,14 @@ def parity(examples: list[Path], work: Path, device: str, modes: list[str], step
     for ckpt in examples:
         bundle = checkpoint_bundle(ckpt, work / f"parity-{ckpt.stem}")
         model, _ = load_checkpoint(ckpt)
-        latent = steps if bundle.variant == "seq" else None
+        latent = latent_steps_for(bundle.variant, steps)
         noise = noise_for(bundle, 1, batch, steps)
         draws = {"u": noise.u} if noise.y_init is None else {"u": noise.u, "y_init": noise.y_init}
         reference = {"mdlm": lambda: sampling.sample_mdlm(model, draws, steps),
                      "fuji": lambda: sampling.sample_fuji(model, draws, steps),
                      "seq": lambda: sampling.sample_seq(model, draws, steps, latent)}[bundle.variant]()
         row = {"example": ckpt.name, "batch": batch, "steps": steps}
-        modules = CheckpointModules(bundle)
+        modules = CheckpointModules(bundle, load_reference_graphs)
         for mode in modes:
             result = make_sampler(bundle, device, MODES[mode], modules).sample(noise, latent)
             row[f"{mode}_token_agreement"] = (result.tokens.cpu() == reference.tokens).double().mean().item()
@@ -217,7 +218,7 @@ def host_copies(variant: str, cfg: dict, work: Path, device: str, mode: str, bat
         return {"checked": False, "why": "no CUDA device (dry run)"}
     bundle = checkpoint_bundle(speed_checkpoint(variant, cfg, work), work / f"{variant}-copies")
     sampler = make_sampler(bundle, device, MODES[mode])
-    latent = steps if variant == "seq" else None
+    latent = latent_steps_for(variant, steps)
     noise = noise_for(bundle, 2, batch, steps).to(device)  # the one host-to-device copy, up front
     sampler.sample(noise, latent)  # compiles and captures the graphs (capture itself synchronises)
     sync(device)

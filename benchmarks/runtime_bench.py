@@ -4,7 +4,7 @@
 
 For each examples/sawtooth-*.pt: build (or reuse) its bundle under --bundles with
 `lddm_export.build.build_bundle` (fp32 + fp16 ONNX, no engines), then time one sampling
-call at each batch size with `lddm_export.commands.bench.bench_bundle`: the runtime on
+call at each batch size with `lddm_export.bench.bench_bundle`: the runtime on
 onnxruntime's CPU provider vs training/sampling.py's sampler on the checkpoint's eager torch
 modules, same draws, same thread count. Then, per example, the trajectory parity of ORT FP32
 and FP16 against the torch backend (which is the reference token for token) at B = 64: token
@@ -33,12 +33,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lddm_export.build import DEFAULT_OPSET, build_bundle, parse_options  # noqa: E402
-from lddm_export.commands.bench import bench_bundle, format_table  # noqa: E402
+from lddm_export.bench import bench_bundle, format_table  # noqa: E402
 from lddm_export.manifest import sha256_file  # noqa: E402
 from runtimes.backends import make_runners  # noqa: E402
 from runtimes.bundle import Bundle  # noqa: E402
 from runtimes.noise import draw_noise  # noqa: E402
 from runtimes.samplers import GRAPHS, Sampler  # noqa: E402
+from training.checkpoint import load_reference_graphs  # noqa: E402
 
 
 def example_bundle(ckpt: Path, bundles: Path) -> Bundle:
@@ -108,7 +109,8 @@ def trajectory_parity(bundle: Bundle, precision: str, batch: int, steps: int, th
     latent_steps = steps if bundle.variant == "seq" else None
     trajectories = []
     for backend, prec in (("torch", "fp32"), ("ort", precision)):
-        runners = make_runners(bundle, backend, prec, "cpu", graphs=list(GRAPHS[bundle.variant]), threads=threads)
+        runners = make_runners(bundle, backend, prec, "cpu", graphs=list(GRAPHS[bundle.variant]), threads=threads,
+                               reference=load_reference_graphs)
         for runner in runners.values():
             runner.activate()
         trajectories.append(list(Sampler.from_bundle(bundle, runners).steps(noise, latent_steps)))

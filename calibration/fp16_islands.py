@@ -8,18 +8,28 @@ over whole sampling trajectories, would not survive FP16:
   - underflow: more than `max_flushed` of the nonzero values below 2^-24, which FP16 flushes
     to zero (values between 2^-24 and 2^-14 are subnormal: kept, with fewer bits);
   - NaN or Inf in the FP32 graph itself: an error, not an island.
+Only the nodes the pass's rules would compute in FP16 are candidates. Calibration does not
+import the pass (the layers of docs/design.md): its caller, lddm_export.build, passes that rule in.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Iterable
 
 import onnx
 
 from calibration.stats import TensorStats, activation_stats
 from runtimes.errors import ToleranceExceeded
+from runtimes.progress import progress
 
+# FP16's range (IEEE binary16), shared with the FP16 pass's check of constants.
 FP16_MAX = 65504.0
+FP16_MIN_NORMAL = 2.0 ** -14
 FP16_MIN_SUBNORMAL = 2.0 ** -24
+
+# An FP32 ONNX graph -> the names of the nodes the FP16 pass's rules compute in FP16
+# (lddm_export.fp16.fp16_nodes_by_rule): calibration's candidates.
+Fp16Rule = Callable[[onnx.ModelProto], Iterable[str]]
 
 
 @dataclass(frozen=True)
@@ -60,26 +70,25 @@ def choose_fp32_islands(stats: dict[str, TensorStats], headroom: float = 8.0,
     return list(decisions.values())
 
 
-def calibrate_fp16_islands(models: dict[str, onnx.ModelProto], feeds: dict[str, list],
+def calibrate_fp16_islands(models: dict[str, onnx.ModelProto], feeds: dict[str, list], fp16_rule: Fp16Rule,
                            headroom: float = 8.0, max_flushed: float = 0.01) -> dict[str, list[IslandDecision]]:
-    """Islands for every graph of a bundle.
+    """Islands for every graph of a bundle; the progress over all feeds is shown on stderr.
 
     Args:
         models: graph name -> FP32 ONNX graph.
         feeds: graph name -> recorded feeds (calibration.trajectories.record_feeds).
+        fp16_rule: the nodes the FP16 pass's rules put in FP16; only they are candidates (the
+            others are FP32 islands already).
         headroom, max_flushed: as for choose_fp32_islands.
     Returns:
         graph name -> the IslandDecisions for it (possibly empty).
-    Only the nodes that the FP16 pass's rules would put in FP16 are candidates: the others are
-    FP32 islands already.
     """
-    from lddm_export.fp16 import to_mixed_fp16_with_report
-
     decisions = {}
-    for name, model in models.items():
-        candidates = set(to_mixed_fp16_with_report(model)[1].fp16_nodes)
-        stats = activation_stats(model, feeds[name], nodes=candidates)
-        decisions[name] = choose_fp32_islands(stats, headroom, max_flushed)
+    with progress(sum(len(feeds[name]) for name in models), "calibrate: activation statistics", "feed") as bar:
+        for name, model in models.items():
+            stats = activation_stats(model, feeds[name], nodes=set(fp16_rule(model)),
+                                     on_feed=lambda: bar.update(1))
+            decisions[name] = choose_fp32_islands(stats, headroom, max_flushed)
     return decisions
 
 
@@ -88,7 +97,8 @@ CALIBRATION_BATCH = 8
 CALIBRATION_STEPS = 8
 
 
-def calibrate_bundle_islands(bundle, log=lambda line: None) -> dict[str, list[IslandDecision]]:
+def calibrate_bundle_islands(bundle, fp16_rule: Fp16Rule,
+                             log: Callable[[str], None] = lambda line: None) -> dict[str, list[IslandDecision]]:
     """Islands for every graph of a bundle's FP32 graphs, from its own sampling trajectories.
 
     The bundle's sampler runs on ONNX Runtime (CPU, FP32) for CALIBRATION_SEEDS, a batch of
@@ -97,20 +107,23 @@ def calibrate_bundle_islands(bundle, log=lambda line: None) -> dict[str, list[Is
 
     Args:
         bundle: a runtimes.bundle.Bundle with FP32 ONNX graphs (hashes need not be final).
-        log: progress sink.
+        fp16_rule: as for calibrate_fp16_islands.
+        log: receives one line per graph with its result (the progress of the sampling and of
+            the statistics is shown on stderr, runtimes.progress).
     Returns:
         graph name -> IslandDecisions (possibly empty).
     """
+    from calibration.trajectories import record_feeds
     from runtimes.backends import make_runners
     from runtimes.samplers import Sampler
-    from calibration.trajectories import record_feeds
+    from runtimes.schedules import latent_steps_for
 
     runners = {g: r.activate() for g, r in make_runners(bundle, "ort", "fp32", "cpu").items()}
     sampler = Sampler.from_bundle(bundle, runners)
-    latent_steps = CALIBRATION_STEPS if bundle.variant == "seq" else None
+    latent_steps = latent_steps_for(bundle.variant, CALIBRATION_STEPS)
     feeds = record_feeds(sampler, list(CALIBRATION_SEEDS), CALIBRATION_BATCH, CALIBRATION_STEPS, latent_steps)
     models = {g: onnx.load(bundle.onnx_path(g, "fp32")) for g in bundle.graph_names}
-    decisions = calibrate_fp16_islands(models, feeds)
+    decisions = calibrate_fp16_islands(models, feeds, fp16_rule)
     for graph, chosen in decisions.items():
         log(f"[calibrate] {graph}: {len(feeds[graph])} recorded feeds, {len(chosen)} extra FP32 islands"
             + "".join(f"; {d.node} ({d.op_type}): {d.reason}" for d in chosen[:3]))

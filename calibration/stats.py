@@ -10,6 +10,7 @@ RMS, and a histogram of log2|x|. The histogram answers both questions asked of i
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -85,7 +86,8 @@ def _float_node_outputs(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
 
 
 def activation_stats(model: onnx.ModelProto, feeds: list[dict[str, torch.Tensor]],
-                     threads: int | None = None, nodes: set[str] | None = None) -> dict[str, TensorStats]:
+                     threads: int | None = None, nodes: set[str] | None = None,
+                     on_feed: Callable[[], None] | None = None) -> dict[str, TensorStats]:
     """Run an FP32 graph on recorded feeds and gather statistics of every float tensor.
 
     Args:
@@ -93,6 +95,7 @@ def activation_stats(model: onnx.ModelProto, feeds: list[dict[str, torch.Tensor]
         feeds: feeds recorded by calibration.trajectories.record_feeds for this graph.
         threads: ONNX Runtime intra-op threads, or None for its default.
         nodes: only the outputs of these nodes (by name); None for every node.
+        on_feed: called after each feed is measured (progress), or None.
     Returns:
         tensor name -> TensorStats, for every float32 tensor produced by a (selected) node.
     """
@@ -118,4 +121,6 @@ def activation_stats(model: onnx.ModelProto, feeds: list[dict[str, torch.Tensor]
         for name, value in zip(names, values):
             if name in stats:
                 stats[name].update(value)
+        if on_feed is not None:
+            on_feed()
     return stats

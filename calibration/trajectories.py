@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from runtimes.base import Runner
-from runtimes.noise import draw_noise
+from runtimes.noise import draw_noise, latent_shape
+from runtimes.progress import progress
 from runtimes.samplers import Sampler
 
 
@@ -43,7 +44,7 @@ class RecordingRunner(Runner):
 
 def record_feeds(sampler: Sampler, seeds: list[int], batch: int, token_steps: int,
                  latent_steps: int | None = None) -> dict[str, list[dict[str, torch.Tensor]]]:
-    """Run the sampler once per seed and return every feed of every graph.
+    """Run the sampler once per seed and return every feed of every graph (progress on stderr).
 
     The encoder is not called while sampling; it is fed the sampled token sequences, which
     stand for the data it encodes.
@@ -61,11 +62,12 @@ def record_feeds(sampler: Sampler, seeds: list[int], batch: int, token_steps: in
     recording = Sampler(sampler.variant, recorders, sampler.shapes, sampler.mask_schedule,
                         sampler.latent_schedule, sampler.float64_draws)
     shapes = sampler.shapes
-    latent_shape = None if sampler.variant == "mdlm" else (shapes["P"], shapes["D"])
     samples = []
-    for seed in seeds:
-        noise = draw_noise(seed, batch, token_steps, shapes["L"], latent_shape)
-        samples.append(recording.sample(noise, latent_steps).tokens.cpu())
+    steps = len(seeds) * (token_steps + (latent_steps or 0))
+    with progress(steps, "calibrate: sampling trajectories") as bar:
+        for seed in seeds:
+            noise = draw_noise(seed, batch, token_steps, shapes["L"], latent_shape(sampler.variant, shapes))
+            samples.append(recording.sample(noise, latent_steps, callback=lambda step: bar.update(1)).tokens.cpu())
     feeds = {name: r.feeds for name, r in recorders.items()}
     if sampler.variant != "mdlm":
         feeds["encoder"] = [{"tokens": tokens} for tokens in samples]

@@ -1,6 +1,7 @@
 """The build pipeline: checkpoint -> bundle (docs/design.md, "The bundle").
 
-Stages, each reported on one line through `log`:
+Stages, each reported on one line through `log` (calibration, the long one, also shows its
+progress on stderr, runtimes.progress):
   1. checkpoint  read and check it (format, config, NaN/Inf weights), hash it;
   2. export      every graph to onnx/<graph>.fp32.onnx, then the mixed onnx/<graph>.fp16.onnx
                  (skipped when the existing bundle was built from the same checkpoint with the
@@ -30,10 +31,12 @@ from typing import Callable
 
 from lddm_export import manifest as manifests
 from lddm_export.commit import check_not_in_use, exclusive, replace_directory
+from runtimes.bundle import PRECISIONS
 from runtimes.errors import BundleError, LddmError
+from runtimes.fileio import sha256_file
 from runtimes.options import MAX_BATCH, check_int, parse_int_list
+from runtimes.spec import GRAPHS_BY_VARIANT
 
-PRECISIONS = ("fp32", "fp16")
 ENGINE_MODES = ("auto", "on", "off")
 MIN_OPSET = 17            # LayerNormalization entered the default ONNX domain in opset 17
 # 20: the MLP's tanh-GELU exports as one native Gelu node (ORT fuses it to FastGelu; TensorRT
@@ -142,7 +145,7 @@ def build_bundle(ckpt: str | Path, out: str | Path | None = None, options: Build
         ckpt: the lddm checkpoint (model.pt).
         out: the bundle directory to create or replace; default bundles/<ckpt stem>.
         options: what to build (parse_options()).
-        log: progress sink, one line per stage or graph.
+        log: the build's record, one line per stage or graph.
     Returns:
         the bundle directory.
     Raises:
@@ -154,7 +157,6 @@ def build_bundle(ckpt: str | Path, out: str | Path | None = None, options: Build
         LddmError: export, FP16 pass or engine failures (BackendUnavailable, EngineBuildError).
     """
     from training.checkpoint import MAX_MODEL_GIB, load_checkpoint
-    from training.model import GRAPHS_BY_VARIANT
 
     ckpt, out = Path(ckpt), Path(out) if out is not None else default_out_dir(Path(ckpt))
     started = time.perf_counter()
@@ -162,7 +164,7 @@ def build_bundle(ckpt: str | Path, out: str | Path | None = None, options: Build
     if model.cfg.variant not in GRAPHS_BY_VARIANT:
         raise LddmError(f"checkpoint {ckpt} holds a model of variant {model.cfg.variant!r}, which has no sampling graphs; "
                         f"bundles are built from {', '.join(GRAPHS_BY_VARIANT)} checkpoints")
-    ckpt_sha = manifests.sha256_file(ckpt)
+    ckpt_sha = sha256_file(ckpt)
     log(f"[checkpoint] {ckpt}: {model.cfg.variant}, L={model.cfg.seq_len}, V={model.cfg.total_vocab}, "
         f"sha256 {ckpt_sha[:12]}")
     engines = _engines_wanted(options.engines, log)
@@ -251,7 +253,7 @@ def export_bundle_graphs(model, raw: dict, ckpt: Path, ckpt_sha: str, bundle_dir
         ckpt, ckpt_sha: the checkpoint file and its sha256 (for the provisional manifest).
         bundle_dir: where onnx/<graph>.<precision>.onnx are written.
         options: precisions, opset, calibrate.
-        log: progress sink, one line per file.
+        log: the build's record, one line per file.
     Returns:
         the manifest's "graphs" table: name -> {"inputs", "outputs", "onnx": {precision: path},
         and with FP16 "fp16_islands": [{"node", "op_type", "reason"}] (the calibrated ones)}.
@@ -291,12 +293,13 @@ def _calibrated_islands(raw: dict, ckpt: Path, ckpt_sha: str, graphs: dict, bund
         log("[calibrate] skipped (--no-calibrate): FP32 islands by rule only")
         return {}
     from calibration.fp16_islands import calibrate_bundle_islands
+    from lddm_export.fp16 import fp16_nodes_by_rule
     from runtimes.bundle import Bundle
 
     started = time.perf_counter()
     provisional = manifests.new_manifest(raw["config"], raw["tokenizer"], raw["train"].get("data"), ckpt, ckpt_sha, graphs,
                                          options.profile, options.opset)
-    islands = calibrate_bundle_islands(Bundle(bundle_dir, provisional), log)
+    islands = calibrate_bundle_islands(Bundle(bundle_dir, provisional), fp16_nodes_by_rule, log)
     log(f"[calibrate] done in {time.perf_counter() - started:.1f} s")
     return islands
 

@@ -18,7 +18,7 @@ import click
 
 COMMANDS = {
     "build": "checkpoint -> bundle: ONNX FP32/FP16 graphs, TensorRT engines, manifest",
-    "inspect": "show a bundle's manifest as a table",
+    "inspect": "show a bundle's manifest as tables and check its files' sha256 (exit 1 if one changed)",
     "doctor": "what this machine has (torch, onnxruntime, TensorRT, CUDA, GPU) and can do",
     "sample": "sample from a bundle with a backend (torch, ort, trt)",
     "bench": "time the sampling loop per step on a bundle",

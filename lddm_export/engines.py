@@ -108,8 +108,7 @@ def build_engines(bundle_dir: str | Path, manifest: dict, precisions: list[str],
                 f"(batch {profile['min']}..{profile['max']})")
             plan = _build_plan(trt, bundle_dir / onnx_file, table["inputs"], profile, workspace_mb, cache_path)
             (bundle_dir / engine_file).parent.mkdir(parents=True, exist_ok=True)
-            with open(bundle_dir / engine_file, "wb") as f:
-                f.write(plan)
+            write_atomic(bundle_dir / engine_file, lambda f: f.write(plan), "the engine file")
             entries.append({"graph": graph, "precision": precision, "file": engine_file,
                             "onnx_file": onnx_file, "onnx_sha256": onnx_sha256(bundle_dir / onnx_file),
                             "trt_version": trt.__version__, "gpu_name": gpu.name,

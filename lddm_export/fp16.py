@@ -32,11 +32,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from calibration.fp16_islands import FP16_MAX, FP16_MIN_NORMAL
 from runtimes.errors import LddmError
 
 FLOAT, HALF = TensorProto.FLOAT, TensorProto.FLOAT16
-FP16_MAX = 65504.0
-FP16_MIN_NORMAL = 2.0 ** -14
 
 FP32_OP_TYPES = frozenset({
     "LayerNormalization", "GroupNormalization", "InstanceNormalization", "BatchNormalization",
@@ -198,6 +197,26 @@ def _retype_constants(node: onnx.NodeProto) -> None:
 
 def to_mixed_fp16_with_report(model: onnx.ModelProto, keep_fp32_nodes=()) -> tuple[onnx.ModelProto, MixedPrecisionReport]:
     """to_mixed_fp16, also returning what the pass decided (see MixedPrecisionReport)."""
+    out, graph, precision, report = _plan(model, keep_fp32_nodes)
+    dtype = _convert_initializers(out, graph, precision)
+    report.casts = _insert_casts(out, graph, precision, dtype)
+    return _checked(out, model.graph.name), report
+
+
+def fp16_nodes_by_rule(model: onnx.ModelProto) -> list[str]:
+    """The nodes the rules put in FP16 (no keep_fp32_nodes): the candidates of calibration."""
+    *_, report = _plan(model, ())
+    return report.fp16_nodes
+
+
+def _plan(model: onnx.ModelProto, keep_fp32_nodes) -> tuple[onnx.ModelProto, _Graph, dict[str, int],
+                                                              MixedPrecisionReport]:
+    """Check the graph, copy it with every node named, and choose each float node's precision.
+
+    Returns:
+        (the copy, its index, node name -> FLOAT or HALF for every node computing on floats,
+        the report with fp32_nodes, fp16_nodes and out_of_range filled in).
+    """
     keep = set(keep_fp32_nodes)
     unknown = sorted(keep - {n.name for n in model.graph.node})
     if unknown:
@@ -214,14 +233,19 @@ def to_mixed_fp16_with_report(model: onnx.ModelProto, keep_fp32_nodes=()) -> tup
         node.name = node.name or f"{node.op_type}_{i}"
     graph = _Graph(out)
     report = MixedPrecisionReport()
-    fp32 = _choose_fp32_nodes(out, graph, keep, report)
-    report.fp32_nodes = fp32
-    precision = {n.name: (FLOAT if n.name in fp32 else HALF)
+    report.fp32_nodes = _choose_fp32_nodes(out, graph, keep, report)
+    precision = {n.name: (FLOAT if n.name in report.fp32_nodes else HALF)
                  for n in out.graph.node if graph.computes_on_floats(n)}
     report.fp16_nodes = [name for name, p in precision.items() if p == HALF]
+    return out, graph, precision, report
 
-    # dtype of every float tensor after the pass: graph inputs float32, node outputs in their
-    # node's precision, initializers FP16 where every reader computes in FP16.
+
+def _convert_initializers(out: onnx.ModelProto, graph: _Graph, precision: dict[str, int]) -> dict[str, int]:
+    """Make FP16 the float initializers that only FP16 nodes read; return every float tensor's dtype.
+
+    After the pass, graph inputs are float32, node outputs are in their node's precision, and an
+    initializer is FP16 where every reader computes in FP16 (readers of any dtype not counted).
+    """
     dtype = {v.name: FLOAT for v in out.graph.input if graph.is_float(v.name)}
     for node in out.graph.node:
         for name in node.output:
@@ -236,7 +260,12 @@ def to_mixed_fp16_with_report(model: onnx.ModelProto, keep_fp32_nodes=()) -> tup
             dtype[tensor.name] = HALF
         else:
             dtype[tensor.name] = FLOAT
+    return dtype
 
+
+def _insert_casts(out: onnx.ModelProto, graph: _Graph, precision: dict[str, int], dtype: dict[str, int]) -> int:
+    """Cast every float input whose dtype differs from its node's precision, retype FP16 nodes'
+    own constants, and cast FP16 graph outputs back to float32; returns the Casts inserted."""
     # Float graph outputs computed in FP16 get an internal name and a final Cast to float32.
     renamed = {v.name: f"{v.name}__fp16" for v in out.graph.output
                if graph.is_float(v.name) and dtype.get(v.name) == HALF}
@@ -264,19 +293,22 @@ def to_mixed_fp16_with_report(model: onnx.ModelProto, keep_fp32_nodes=()) -> tup
         nodes.append(node)
     for original, internal in renamed.items():
         nodes.append(helper.make_node("Cast", [internal], [original], to=FLOAT, name=f"{original}__cast_fp32"))
-    report.casts = len(casts) + len(renamed)
-
     del out.graph.node[:]
     out.graph.node.extend(nodes)
+    return len(casts) + len(renamed)
+
+
+def _checked(out: onnx.ModelProto, name: str) -> onnx.ModelProto:
+    """The rewritten graph with fresh shape inference, refused unless the ONNX checker accepts it."""
     del out.graph.value_info[:]
     try:
         out = onnx.shape_inference.infer_shapes(out, strict_mode=True)
         onnx.checker.check_model(out)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
-        raise LddmError(f"the FP16 pass produced an invalid graph for {model.graph.name!r} "
+        raise LddmError(f"the FP16 pass produced an invalid graph for {name!r} "
                         f"({str(e).strip().splitlines()[0][:200]}); this is a bug in lddm_export.fp16, "
                         f"please report it; --precision fp32 avoids it") from None
-    return out, report
+    return out
 
 
 def to_mixed_fp16(model: onnx.ModelProto, keep_fp32_nodes=()) -> onnx.ModelProto:

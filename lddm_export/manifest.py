@@ -10,9 +10,9 @@ import importlib.metadata
 import os
 from pathlib import Path
 
-from runtimes.bundle import FORMAT, MANIFEST, VERSION, Bundle, sha256_file, validate_manifest
+from runtimes.bundle import FORMAT, MANIFEST, VERSION, Bundle, validate_manifest
 from runtimes.errors import BundleError
-from runtimes.fileio import write_json
+from runtimes.fileio import sha256_file, write_json
 
 PARITY = "parity.json"
 UNHASHED = (MANIFEST, PARITY)   # the files table covers every other file of the bundle

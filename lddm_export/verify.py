@@ -20,7 +20,10 @@ checkpoint must be the one the bundle was built from (sha256).
    ar` checkpoint with the bundle's tokenizer) within GEN_PPL_MARGIN, and unigram entropy
    within ENTROPY_MARGIN.
 
-The report is printed as a table and written to <bundle>/parity.json (and --json FILE).
+While it measures, verify logs one line per graph, trajectory and metric, and shows the
+progress of the distribution sampling (the slow part) on stderr. The report is written to
+<bundle>/parity.json (and --json FILE) and logged as a table: every measured value beside its
+threshold.
 """
 from __future__ import annotations
 
@@ -38,18 +41,21 @@ from polygraphy.common import TensorMetadata
 from polygraphy.comparator import Comparator
 from polygraphy.logger import G_LOGGER
 
+from lddm_export.commands.inspect import table
 from runtimes.backends import make_runners
 from runtimes.base import Runner
-from runtimes.bundle import Bundle, sha256_file
+from runtimes.bundle import Bundle
 from runtimes.compare import measure
 from runtimes.errors import BundleError, ToleranceExceeded
-from runtimes.fileio import write_json
-from runtimes.noise import draw_noise
+from runtimes.fileio import sha256_file, write_json
+from runtimes.noise import draw_noise, latent_shape
+from runtimes.progress import progress
 from runtimes.samplers import Sampler, sample_batches
 from runtimes.schedules import latent_steps_for
 from runtimes.spec import BATCH
 from runtimes.tolerances import (DISTRIBUTION_SWD_MARGIN, ENTROPY_MARGIN, FP16_KL, FP16_REL_L2, FP32_MAX_REL,
                                  GEN_PPL_MARGIN, TRAJECTORY_TOKEN_AGREEMENT, graph_tolerances)
+from training.checkpoint import load_checkpoint, load_reference_graphs
 
 LEVEL1_BATCHES = (1, 3, 8)
 LEVEL1_TIMES = (0.001, 0.5, 0.999)
@@ -142,7 +148,7 @@ def _level1_feeds(bundle: Bundle, graph: str, seed: int) -> list[OrderedDict]:
 def verify_graphs(bundle: Bundle, ckpt: Path, options: VerifyOptions, precision: str, log: Log) -> dict:
     """Level 1 for every graph at one precision. Returns graph -> {passed, outputs, failures}."""
     G_LOGGER.module_severity = G_LOGGER.ERROR
-    reference = make_runners(bundle, "torch", "fp32", options.device, ckpt=ckpt)
+    reference = make_runners(bundle, "torch", "fp32", options.device, ckpt=ckpt, reference=load_reference_graphs)
     tested = make_runners(bundle, options.backend, precision, options.device)
     results = {}
     for graph in bundle.graph_names:
@@ -189,7 +195,8 @@ def _brief(r: dict) -> str:
 
 def _sampler(bundle: Bundle, ckpt: Path, backend: str, precision: str, device: str) -> Sampler:
     """A sampler over active runners of one backend (the torch reference reads `ckpt`)."""
-    runners = make_runners(bundle, backend, precision, device, ckpt=ckpt if backend == "torch" else None)
+    runners = (make_runners(bundle, "torch", precision, device, ckpt=ckpt, reference=load_reference_graphs)
+               if backend == "torch" else make_runners(bundle, backend, precision, device))
     return Sampler.from_bundle(bundle, {g: r.activate() for g, r in runners.items()})
 
 
@@ -197,9 +204,8 @@ def verify_trajectory(bundle: Bundle, ckpt: Path, options: VerifyOptions, precis
     """Level 2 at one precision: per-step token agreement and latent error vs the torch runtime."""
     reference = _sampler(bundle, ckpt, "torch", "fp32", options.device)
     tested = _sampler(bundle, ckpt, options.backend, precision, options.device)
-    shapes = bundle.shapes
-    latent_shape = None if bundle.variant == "mdlm" else (shapes["P"], shapes["D"])
-    noise = draw_noise(options.seed, options.trajectory_samples, options.steps, shapes["L"], latent_shape)
+    noise = draw_noise(options.seed, options.trajectory_samples, options.steps, bundle.shapes["L"],
+                       latent_shape(bundle.variant, bundle.shapes))
     latent_steps = latent_steps_for(bundle.variant, options.steps, options.latent_steps)
     per_step = []
     for ref, got in zip(reference.steps(noise, latent_steps), tested.steps(noise, latent_steps)):
@@ -223,10 +229,13 @@ def verify_trajectory(bundle: Bundle, ckpt: Path, options: VerifyOptions, precis
 # ----------------------------------------------------------------------------- level 3
 
 def _samples(bundle: Bundle, ckpt: Path, backend: str, precision: str, options: VerifyOptions) -> torch.Tensor:
+    """The distribution samples of one backend and precision (progress on stderr)."""
     sampler = _sampler(bundle, ckpt, backend, precision, options.device)
     latent_steps = latent_steps_for(bundle.variant, options.steps, options.latent_steps)
-    return sample_batches(sampler, options.seed, options.distribution_samples, options.batch_size,
-                          options.steps, latent_steps).tokens
+    batches = -(-options.distribution_samples // options.batch_size)
+    with progress(batches * (options.steps + (latent_steps or 0)), f"verify: sampling ({backend} {precision})") as bar:
+        return sample_batches(sampler, options.seed, options.distribution_samples, options.batch_size,
+                              options.steps, latent_steps, callback=lambda b, step: bar.update(1)).tokens
 
 
 def load_evaluator(bundle: Bundle, path: str | Path | None):
@@ -243,8 +252,6 @@ def load_evaluator(bundle: Bundle, path: str | Path | None):
     if path is None:
         raise BundleError(f"bundle {bundle.root} holds a text model; pass --evaluator AR.pt (an `lddm-train "
                           f"--variant ar` checkpoint on the same corpus) to judge its samples by generative perplexity")
-    from training.checkpoint import load_checkpoint
-
     model, raw = load_checkpoint(path)
     if model.cfg.variant != "ar":
         raise BundleError(f"--evaluator {path} is a {model.cfg.variant} model, not an AR model; "
@@ -305,8 +312,12 @@ def verify_distribution(bundle: Bundle, ckpt: Path, options: VerifyOptions, eval
 
 def verify_bundle(bundle_dir: str | Path, ckpt: str | Path, options: VerifyOptions = VerifyOptions(),
                   json_path: str | Path | None = None, log: Log = print) -> dict:
-    """Run the three levels, write parity.json (and json_path), and return the report.
+    """Run the three levels, write parity.json (and json_path), log parity_table, return the report.
 
+    Args:
+        bundle_dir, ckpt: the bundle and the checkpoint it was built from.
+        options: what to measure; json_path: a second copy of the report, or None.
+        log: the record: one line per graph, trajectory and metric, then the table.
     Raises:
         BundleError: changed bundle files, or a checkpoint the bundle was not built from.
         ToleranceExceeded: after the report is written, when any gated check failed; the
@@ -335,7 +346,49 @@ def verify_bundle(bundle_dir: str | Path, ckpt: str | Path, options: VerifyOptio
     write_json(bundle.root / "parity.json", report, "the parity report")
     if json_path:
         write_json(json_path, report, "--json")
+    log(parity_table(report))
     if failures:
         raise ToleranceExceeded(f"bundle {bundle.root} failed parity: {'; '.join(failures[:4])}"
                                 f"{' and more' if len(failures) > 4 else ''} (details in parity.json)")
     return report
+
+
+def parity_table(report: dict) -> str:
+    """The report as a table: one row per measured value, beside its threshold and the verdict."""
+    rows = []
+    for precision, graphs in report["graphs"].items():
+        for graph, result in graphs.items():
+            tolerances = graph_tolerances(precision, list(result["outputs"]))
+            for output, measured in result["outputs"].items():
+                rows += _graph_rows(precision, f"{graph}.{output}", measured, tolerances[output])
+    for precision, result in report["trajectory"].items():
+        lowest = min(step["token_agreement"] for step in result["steps"])
+        threshold = f">= {TRAJECTORY_TOKEN_AGREEMENT:.1%}" if result["gated"] else "reported"
+        rows.append(["trajectory", "token agreement (lowest step)", precision, f"{lowest:.4%}", threshold,
+                     _verdict(result["passed"]) if result["gated"] else "-"])
+    for name, metric in report["distribution"]["metrics"].items():
+        for precision, r in metric["precisions"].items():
+            rows.append(["distribution", f"{name} vs torch fp32", precision,
+                         f"{r['relative_difference']:.2%} ({r['value']:.4g} vs {metric['reference']:.4g})",
+                         f"<= {metric['margin']:.0%}", _verdict(r["passed"])])
+    return table(rows, ["level", "check", "precision", "measured", "threshold", "result"])
+
+
+def _graph_rows(precision: str, name: str, measured: dict, tolerance) -> list[list[str]]:
+    """Level-1 rows of one output: each limited metric, and NaN/Inf where there were any."""
+    rows = []
+    for metric in ("max_rel", "rel_l2", "kl"):
+        limit = getattr(tolerance, metric)
+        if limit is None:
+            continue
+        value = measured[metric]
+        label = f"{name} {metric}" + (" (softmax)" if metric == "rel_l2" and tolerance.on_softmax else "")
+        rows.append(["graph", label, precision, "-" if value is None else f"{value:.2e}", f"<= {limit:.0e}",
+                     _verdict(value is not None and value <= limit)])
+    if measured["nonfinite"]:
+        rows.append(["graph", f"{name} NaN/Inf", precision, str(measured["nonfinite"]), "0", _verdict(False)])
+    return rows
+
+
+def _verdict(passed: bool) -> str:
+    return "ok" if passed else "FAIL"

@@ -42,7 +42,6 @@ outside the bundle: only the torch backend opens it, after matching its sha256.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -53,13 +52,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runtimes.errors import BundleError
+from runtimes.fileio import sha256_file
 from runtimes.options import MAX_BATCH   # the bound of every batch profile, as `build --batch` has it
-from runtimes.spec import GraphSpec, graph_specs
+from runtimes.spec import GRAPHS_BY_VARIANT, GraphSpec, graph_specs
+from runtimes.tokenizer import tokenizer_problem
 
 FORMAT = "lddm-bundle"
 VERSION = 1
 MANIFEST = "manifest.json"
-VARIANTS = ("mdlm", "fuji", "seq")
+VARIANTS = tuple(GRAPHS_BY_VARIANT)
 PRECISIONS = ("fp32", "fp16")
 REQUIRED = ("format", "version", "variant", "config", "shapes", "schedule", "graphs", "batch_profile",
             "opset", "engines", "tokenizer", "data", "checkpoint", "files", "tools")
@@ -74,14 +75,6 @@ _PART = re.compile(r"[\w.+-]+")         # one component of a bundle path
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _DECIMAL = re.compile(r"[0-9]{1,18}")   # an external-data offset or length
 REBUILD = "rebuild the bundle with `lddm-export build --ckpt model.pt --force`"
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass
@@ -177,7 +170,7 @@ def validate_manifest(m, path: Path) -> dict:
                           f"version {VERSION}; rebuild the bundle with this lddm-export")
     missing = [k for k in REQUIRED if k not in m]
     _require(not missing, where, f"lacks the keys {missing}")
-    _require(m["variant"] in VARIANTS, where, f"has unknown variant {_show(m['variant'])}; expected mdlm, fuji or seq")
+    _require(m["variant"] in VARIANTS, where, f"has unknown variant {_show(m['variant'])}; expected one of {', '.join(VARIANTS)}")
     _check_shapes(m["shapes"], where)
     _check_schedule(m["schedule"], where)
     _check_config(m["config"], m, where)
@@ -200,34 +193,6 @@ def validate_manifest(m, path: Path) -> dict:
     _require(isinstance(tools, dict) and all(isinstance(v, str) for v in tools.values()), where,
              f"has a malformed tools table {_show(tools)}; expected tool name -> version string")
     return m
-
-
-def tokenizer_problem(entry, vocab_size: int) -> str | None:
-    """What is wrong with a "tokenizer" entry (manifest or checkpoint), as a phrase, or None.
-
-    None (synthetic data) is fine. Otherwise the entry needs kind (str), json (str) and
-    vocab_size (int) equal to the model's vocabulary, and where the tokenizers package is
-    installed (not on an engine-only Jetson) the JSON must load to a tokenizer of that size, so
-    a malformed entry is refused when a bundle is built, not when it is sampled.
-    """
-    if entry is None:
-        return None
-    if not (isinstance(entry, dict) and isinstance(entry.get("kind"), str) and isinstance(entry.get("json"), str)
-            and _is_int(entry.get("vocab_size"))):
-        return f"is not {{\"kind\": str, \"json\": str, \"vocab_size\": int}} (got {_show(entry)})"
-    if entry["vocab_size"] != vocab_size:
-        return f"says vocab_size {entry['vocab_size']}, but the model's vocabulary is {vocab_size}"
-    try:
-        from tokenizers import Tokenizer
-    except ImportError:
-        return None
-    try:
-        loaded = Tokenizer.from_str(entry["json"])
-    except Exception as e:  # tokenizers raises a bare Exception for malformed JSON
-        return f"holds JSON that does not load as a tokenizer ({(str(e).splitlines() or [type(e).__name__])[0][:80]})"
-    if loaded.get_vocab_size() != vocab_size:
-        return f"loads a tokenizer of {loaded.get_vocab_size()} tokens, but the model's vocabulary is {vocab_size}"
-    return None
 
 
 def _check_shapes(shapes, where: str) -> None:

@@ -17,8 +17,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtimes.bundle import onnx_tensors, sha256_file
+from runtimes.bundle import onnx_tensors
 from runtimes.errors import BackendUnavailable
+from runtimes.fileio import sha256_file
 
 # From cuda.h (CUdevice_attribute); stable since CUDA 2.x.
 _CC_MAJOR = 75
@@ -48,6 +49,23 @@ class GpuIdentity:
         return f"{slug}-sm{self.compute_capability.replace('.', '')}"
 
 
+def libcuda() -> ctypes.CDLL | None:
+    """The CUDA driver library (libcuda.so.1), or None on a machine without the NVIDIA driver."""
+    try:
+        return ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+
+
+def cuda_driver_version() -> str | None:
+    """The CUDA version the installed driver supports ("12.4"), or None without a driver."""
+    cuda = libcuda()
+    version = ctypes.c_int()
+    if cuda is None or cuda.cuDriverGetVersion(ctypes.byref(version)) != 0:
+        return None
+    return f"{version.value // 1000}.{version.value % 1000 // 10}"
+
+
 def gpu_identity(index: int = 0) -> GpuIdentity:
     """Query the CUDA driver for device `index`'s name and compute capability.
 
@@ -58,11 +76,10 @@ def gpu_identity(index: int = 0) -> GpuIdentity:
     Raises:
         BackendUnavailable: no CUDA driver library, or the driver reports no such device.
     """
-    try:
-        cuda = ctypes.CDLL("libcuda.so.1")
-    except OSError:
+    cuda = libcuda()
+    if cuda is None:
         raise BackendUnavailable("no CUDA driver (libcuda.so.1) on this machine; TensorRT engines "
-                                 "need an NVIDIA GPU and its driver, or use --engines off") from None
+                                 "need an NVIDIA GPU and its driver, or use --engines off")
 
     def check(status: int, what: str) -> None:
         if status != 0:

@@ -4,6 +4,7 @@
     write_atomic(path, write, what)  write(f) into a temporary file beside `path`, fsync, rename
     write_json(path, data, what)     the same for a JSON document
     check_input_file(path, what, fix)  a file to read: "does not exist" or "is a directory"
+    sha256_file(path)                the hex sha256 of a file (checkpoints, bundle files)
 
 A write either replaces `path` with the complete new file or leaves it, and its directory, as
 they were: the data goes to a temporary file in the same directory (mkstemp), is flushed and
@@ -21,6 +22,7 @@ Pure Python: training/ and the Jetson-side tools use it without torch.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
@@ -144,6 +146,15 @@ def check_input_file(path: str | Path, what: str, fix: str, error: type[Exceptio
     if not stat.S_ISREG(mode):
         raise error(f"{what} {path} is {file_kind(mode)}, not a file; {fix}")
     return path
+
+
+def sha256_file(path: str | Path) -> str:
+    """The hex sha256 of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _another(what: str) -> str:

@@ -7,8 +7,8 @@ two backends can be compared token by token:
 1. `y_init = rng.standard_normal((B, P, D)).astype(np.float32)`   (fuji and seq only)
 2. `u = rng.random((T_x, B, L))`  float64 uniforms, one per token per token step.
 
-Nothing else is random: the latent update is deterministic DDIM (eta = 0). training/sampling.py
-draws the same arrays in the same order.
+Nothing else is random: the latent update is deterministic DDIM (eta = 0). The reference
+sampler (training/sampling.py) draws its noise through draw_noise too.
 """
 from __future__ import annotations
 
@@ -45,6 +45,11 @@ class Noise:
         return Noise(u, y)
 
 
+def latent_shape(variant: str, shapes: dict) -> tuple[int, int] | None:
+    """draw_noise's latent_shape for a variant: (P, D) from the bundle's shapes, None for mdlm."""
+    return None if variant == "mdlm" else (shapes["P"], shapes["D"])
+
+
 def draw_noise(seed: int, batch: int, token_steps: int, seq_len: int,
                latent_shape: tuple[int, int] | None = None) -> Noise:
     """Draw the noise of one sampling call in the contract's order.
@@ -54,7 +59,7 @@ def draw_noise(seed: int, batch: int, token_steps: int, seq_len: int,
         batch: B, the number of samples in this call.
         token_steps: T_x, the number of token (unmasking) steps.
         seq_len: L, tokens per sample.
-        latent_shape: (P, D) for fuji and seq; None for mdlm (no latent is drawn).
+        latent_shape: (P, D) for fuji and seq; None for mdlm (no latent is drawn); see latent_shape().
     Returns:
         Noise with u float64 [T_x, B, L] and y_init float32 [B, P, D] (or None), numpy arrays.
     """

@@ -5,9 +5,12 @@
     check_job(num, batch, steps, latent_steps, shapes)   memory and length, before any work
 
 lddm-export (click) and lddm-train (argparse) both call these, so the same input gets the same
-sentence from either tool. Pure Python (no torch).
+sentence from either tool, and so does training/sampling.py for its arguments. Pure Python
+(no torch).
 """
 from __future__ import annotations
+
+import numbers
 
 from runtimes.errors import LddmError
 
@@ -29,16 +32,19 @@ def _describe(low: int) -> str:
     return {0: "a non-negative integer", 1: "a positive integer"}.get(low, f"an integer >= {low}")
 
 
-def check_int(name: str, value, low: int, high: int) -> int:
+def check_int(name: str, value, low: int, high: int, error: type[Exception] = OptionError) -> int:
     """`value` (an int or its text) as an int in [low, high].
 
     Args:
-        name: the option as the user typed it ("--steps"); value: the int or the text given.
+        name: the option as the user typed it ("--steps"), or the argument's name;
+            value: the int (numpy's included) or the text given.
         low, high: the stated range, inclusive.
+        error: the exception class to raise (training.sampling raises ValueError, as Python
+            APIs do; argparse must not see one, it would replace the message with its own).
     Returns:
         the integer.
     Raises:
-        OptionError: "--steps must be a positive integer, got 0; pass an integer from 1 to 100000"
+        error: "--steps must be a positive integer, got 0; pass an integer from 1 to 100000"
             (or "... is above the limit of ...", "must be an integer, got 'x'").
     """
     fix = f"pass an integer from {low} to {high}"
@@ -46,13 +52,14 @@ def check_int(name: str, value, low: int, high: int) -> int:
         try:
             value = int(value.strip(), 10)
         except ValueError:
-            raise OptionError(f"{name} must be an integer, got {value!r}; {fix}") from None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise OptionError(f"{name} must be an integer, got {value!r}; {fix}")
+            raise error(f"{name} must be an integer, got {value!r}; {fix}") from None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise error(f"{name} must be an integer, got {value!r}; {fix}")
+    value = int(value)
     if value < low:
-        raise OptionError(f"{name} must be {_describe(low)}, got {value}; {fix}")
+        raise error(f"{name} must be {_describe(low)}, got {value}; {fix}")
     if value > high:
-        raise OptionError(f"{name} {value} is above the limit of {high}; {fix}")
+        raise error(f"{name} {value} is above the limit of {high}; {fix}")
     return value
 
 

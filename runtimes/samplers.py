@@ -29,10 +29,12 @@ import torch
 
 from runtimes.base import Runner
 from runtimes.errors import LddmError
-from runtimes.noise import Noise, draw_noise
+from runtimes.noise import Noise, draw_noise, latent_shape
 from runtimes.schedules import LatentSchedule, MaskSchedule, from_manifest, time_grid
+from runtimes.spec import GRAPHS_BY_VARIANT
 
-GRAPHS = {"mdlm": ("denoiser",), "fuji": ("denoiser",), "seq": ("latent_denoiser", "token_denoiser")}
+# The graphs a sampling loop calls: every graph of the variant but the encoder.
+GRAPHS = {variant: tuple(g for g in graphs if g != "encoder") for variant, graphs in GRAPHS_BY_VARIANT.items()}
 
 
 @dataclass
@@ -292,10 +294,10 @@ def sample_batches(sampler: Sampler, seed: int, num: int, batch_size: int, token
         SampleResult on the CPU: tokens int64 [K, L]; latent float32 [K, P, D] or None.
     """
     shapes = sampler.shapes
-    latent_shape = None if sampler.variant == "mdlm" else (shapes["P"], shapes["D"])
     tokens, latents = [], []
     for b, start in enumerate(range(0, num, batch_size)):
-        noise = draw_noise(seed + b, min(batch_size, num - start), token_steps, shapes["L"], latent_shape)
+        noise = draw_noise(seed + b, min(batch_size, num - start), token_steps, shapes["L"],
+                           latent_shape(sampler.variant, shapes))
         result = sampler.sample(noise, latent_steps, None if callback is None else lambda step: callback(b, step))
         tokens.append(result.tokens.cpu())
         if result.latent is not None:

@@ -90,8 +90,19 @@ class GraphSpec:
         return batch
 
 
+# The graphs each variant exports, in export order: the one table the exporter, the bundle's
+# validator, the samplers and training.model's wrappers take their graph names from.
+GRAPHS_BY_VARIANT: dict[str, tuple[str, ...]] = {
+    "mdlm": ("denoiser",),
+    "fuji": ("encoder", "denoiser"),
+    "seq": ("encoder", "latent_denoiser", "token_denoiser"),
+}
+
+
 def graph_specs(variant: str, L: int, P: int, D: int, V: int) -> dict[str, GraphSpec]:
     """The docs/design.md graph table for one variant and its fixed sizes."""
+    if variant not in GRAPHS_BY_VARIANT:
+        raise ShapeMismatch(f"variant {variant!r} has no graphs; expected one of {sorted(GRAPHS_BY_VARIANT)}")
     B = BATCH
     tokens = TensorSpec("tokens", "int64", (B, L))
     x_t = TensorSpec("x_t", "int64", (B, L))
@@ -101,14 +112,8 @@ def graph_specs(variant: str, L: int, P: int, D: int, V: int) -> dict[str, Graph
     log_probs = TensorSpec("log_probs", "float32", (B, L, V))
     y0_hat = TensorSpec("y0_hat", "float32", (B, P, D))
     latent = TensorSpec("latent", "float32", (B, P, D))
-    table = {
-        "mdlm": {"denoiser": ((x_t, t), (log_probs,))},
-        "fuji": {"encoder": ((tokens,), (latent,)),
-                 "denoiser": ((x_t, y_t, t), (log_probs, y0_hat))},
-        "seq": {"encoder": ((tokens,), (latent,)),
-                "latent_denoiser": ((y_t, t), (y0_hat,)),
-                "token_denoiser": ((x_t, y0, t), (log_probs,))},
-    }
-    if variant not in table:
-        raise ShapeMismatch(f"variant {variant!r} has no graphs; expected one of {sorted(table)}")
-    return {name: GraphSpec(name, ins, outs) for name, (ins, outs) in table[variant].items()}
+    io = {"encoder": ((tokens,), (latent,)),
+          "denoiser": ((x_t, y_t, t), (log_probs, y0_hat)) if variant == "fuji" else ((x_t, t), (log_probs,)),
+          "latent_denoiser": ((y_t, t), (y0_hat,)),
+          "token_denoiser": ((x_t, y0, t), (log_probs,))}
+    return {name: GraphSpec(name, *io[name]) for name in GRAPHS_BY_VARIANT[variant]}

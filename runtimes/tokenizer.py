@@ -1,13 +1,44 @@
-"""ids -> text from a manifest's "tokenizer" entry, with the `tokenizers` library.
+"""The "tokenizer" entry of a checkpoint and a manifest: its check, and ids -> text.
 
 The entry is the checkpoint's: {"kind": "bpe" | "bert", "json": <tokenizer.json text>,
-"vocab_size": N}, or null for synthetic data (sawtooth), which has no text.
+"vocab_size": N}, or null for synthetic data (sawtooth), which has no text. The `tokenizers`
+library is imported only where it is used, so the check runs without it.
 """
 from __future__ import annotations
+
+import reprlib
 
 from runtimes.errors import BundleError
 
 MASK_PLACEHOLDER = "_"  # how a still-masked id (== vocab size) is shown, as training/data.py does
+
+
+def tokenizer_problem(entry, vocab_size: int) -> str | None:
+    """What is wrong with a "tokenizer" entry (manifest or checkpoint), as a phrase, or None.
+
+    None (synthetic data) is fine. Otherwise the entry needs kind (str), json (str) and
+    vocab_size (int) equal to the model's vocabulary, and where the tokenizers package is
+    installed (not on an engine-only Jetson) the JSON must load to a tokenizer of that size, so
+    a malformed entry is refused when a bundle is built, not when it is sampled.
+    """
+    if entry is None:
+        return None
+    if not (isinstance(entry, dict) and isinstance(entry.get("kind"), str) and isinstance(entry.get("json"), str)
+            and isinstance(entry.get("vocab_size"), int) and not isinstance(entry["vocab_size"], bool)):
+        return f"is not {{\"kind\": str, \"json\": str, \"vocab_size\": int}} (got {reprlib.repr(entry)})"
+    if entry["vocab_size"] != vocab_size:
+        return f"says vocab_size {entry['vocab_size']}, but the model's vocabulary is {vocab_size}"
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        return None
+    try:
+        loaded = Tokenizer.from_str(entry["json"])
+    except Exception as e:  # tokenizers raises a bare Exception for malformed JSON
+        return f"holds JSON that does not load as a tokenizer ({(str(e).splitlines() or [type(e).__name__])[0][:80]})"
+    if loaded.get_vocab_size() != vocab_size:
+        return f"loads a tokenizer of {loaded.get_vocab_size()} tokens, but the model's vocabulary is {vocab_size}"
+    return None
 
 
 class TextDecoder:

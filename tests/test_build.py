@@ -382,6 +382,20 @@ def test_inspect_of_a_non_bundle(tmp_path, capsys):
     assert code == 1 and f"bundle {tmp_path} has no manifest.json" in output
 
 
+def test_inspect_of_a_bundle_with_a_changed_file_shows_it_and_exits_1(bundle, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle, copy)
+    with open(copy / "onnx/denoiser.fp32.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(SystemExit) as info:
+        main(["inspect", str(copy)])
+    out, err = capsys.readouterr()
+    assert info.value.code == 1
+    assert "1 of 2 files missing or changed since the build: ['onnx/denoiser.fp32.onnx']" in out  # the tables
+    assert err == (f"lddm-export: error: bundle {copy}: 1 of 2 files are missing or changed since the build "
+                   f"(onnx/denoiser.fp32.onnx); rebuild it with lddm-export build\n")
+
+
 def test_doctor_reports_versions_and_capabilities():
     result = CliRunner().invoke(cli, ["doctor"])
     assert result.exit_code == 0, result.output

@@ -11,6 +11,7 @@ from calibration.fp16_islands import calibrate_fp16_islands, choose_fp32_islands
 from calibration.int8 import int8_dtype_check, quantize_int8
 from calibration.stats import TensorStats, activation_stats
 from calibration.trajectories import record_feeds
+from lddm_export.fp16 import fp16_nodes_by_rule
 from runtimes.backends import make_runners
 from runtimes.bundle import Bundle
 from runtimes.errors import ToleranceExceeded
@@ -94,7 +95,7 @@ def test_nan_in_the_fp32_graph_is_an_error_not_an_island():
 def test_calibrate_every_graph_of_a_bundle(fuji):
     bundle, feeds, _ = fuji
     models = {g: onnx.load(bundle.onnx_path(g, "fp32")) for g in bundle.graph_names}
-    decisions = calibrate_fp16_islands(models, feeds)
+    decisions = calibrate_fp16_islands(models, feeds, fp16_nodes_by_rule)
     assert set(decisions) == set(bundle.graph_names)
 
 

@@ -21,14 +21,14 @@ from runtimes.backends import make_runners
 from runtimes.bundle import Bundle
 from runtimes.compare import compare_outputs
 from runtimes.errors import BackendUnavailable, BundleError, LddmError, ShapeMismatch
-from runtimes.noise import draw_noise
+from runtimes.noise import draw_noise, latent_shape
 from runtimes.samplers import Sampler, ddim_step, sample_batches, token_step
 from runtimes.schedules import LatentSchedule, MaskSchedule
 from runtimes.tokenizer import TextDecoder
 from runtimes.tolerances import graph_tolerances
 from training import sampling
 from training import schedules as ref_schedules
-from training.checkpoint import load_checkpoint
+from training.checkpoint import load_checkpoint, load_reference_graphs
 
 VARIANTS = ("mdlm", "fuji", "seq")
 B, T_X, T_Y = 16, 6, 4
@@ -44,7 +44,7 @@ def bundle(request, bundle_cache):  # noqa: F811
 
 
 def active_sampler(bundle, backend, precision="fp32", **options):
-    runners = make_runners(bundle, backend, precision, "cpu", threads=1)
+    runners = make_runners(bundle, backend, precision, "cpu", threads=1, reference=load_reference_graphs)
     for runner in runners.values():
         runner.activate()
     return Sampler.from_bundle(bundle, runners, **options)
@@ -52,7 +52,7 @@ def active_sampler(bundle, backend, precision="fp32", **options):
 
 def noise_for(bundle, seed, batch=B, steps=T_X):
     s = bundle.shapes
-    return draw_noise(seed, batch, steps, s["L"], None if bundle.variant == "mdlm" else (s["P"], s["D"]))
+    return draw_noise(seed, batch, steps, s["L"], latent_shape(bundle.variant, s))
 
 
 @functools.lru_cache(maxsize=None)
@@ -287,7 +287,7 @@ def test_runner_checks_its_feed_and_state(bundle_cache):  # noqa: F811
     bundle = Bundle.open(cached_tiny_bundle(bundle_cache, "mdlm"))
     L = bundle.shapes["L"]
     for backend in ("torch", "ort"):
-        runner = make_runners(bundle, backend)["denoiser"]
+        runner = make_runners(bundle, backend, reference=load_reference_graphs)["denoiser"]
         feed = {"x_t": torch.zeros(2, L, dtype=torch.int64), "t": torch.ones(2)}
         with pytest.raises(LddmError, match="not active"):
             runner.infer(feed)
@@ -322,14 +322,16 @@ def test_torch_backend_finds_the_checkpoint_or_refuses(bundle_cache, tmp_path): 
     (root / "model.pt").rename(moved)
     bundle = Bundle.open(root)
     with pytest.raises(BundleError, match="does not exist; pass the bundle's model.pt with --ckpt"):
-        make_runners(bundle, "torch")["denoiser"].activate()
-    with make_runners(bundle, "torch", ckpt=moved)["denoiser"] as runner:  # --ckpt finds it again
+        make_runners(bundle, "torch", reference=load_reference_graphs)["denoiser"].activate()
+    with make_runners(bundle, "torch", ckpt=moved, reference=load_reference_graphs)["denoiser"] as runner:  # --ckpt finds it again
         assert runner.is_active
     other = tmp_path / "other.pt"
     from bundle_fixture import tiny_checkpoint
     tiny_checkpoint(other, "mdlm", seed=1)
     with pytest.raises(BundleError, match="sha256 differs"):
-        make_runners(bundle, "torch", ckpt=other)["denoiser"].activate()
+        make_runners(bundle, "torch", ckpt=other, reference=load_reference_graphs)["denoiser"].activate()
+    with pytest.raises(BackendUnavailable, match="pass reference=training.checkpoint.load_reference_graphs"):
+        make_runners(bundle, "torch")  # the runtime holds no model code of its own
 
 
 
@@ -343,8 +345,8 @@ def test_compiled_torch_runner_computes_what_the_eager_one_does(bundle_cache):  
     The sampler's compiled token step takes its weights from the device; one compilation serves
     every step."""
     bundle = Bundle.open(cached_tiny_bundle(bundle_cache, "fuji"))
-    eager = make_runners(bundle, "torch", threads=1)["denoiser"].activate()
-    compiled = make_runners(bundle, "torch", compile=True)["denoiser"].activate()
+    eager = make_runners(bundle, "torch", threads=1, reference=load_reference_graphs)["denoiser"].activate()
+    compiled = make_runners(bundle, "torch", compile=True, reference=load_reference_graphs)["denoiser"].activate()
     feed = _random_feed(eager.spec, 3, bundle.shapes["V"], seed=0)
     compare_outputs("denoiser", compiled.infer(feed), eager.infer(feed),  # raises outside the tolerance
                     graph_tolerances("fp32", eager.spec.output_names))
@@ -358,11 +360,12 @@ def test_compiled_torch_runner_computes_what_the_eager_one_does(bundle_cache):  
 
 def test_torch_fp16_autocast_meets_the_fp16_tolerances(bundle_cache):  # noqa: F811
     """The torch backend's fp16 (autocast; CUDA in use, the runner itself runs on any device)."""
-    from runtimes.backends.torch_runner import TorchRunner
+    from runtimes.backends.torch_runner import CheckpointModules, TorchRunner
     bundle = Bundle.open(cached_tiny_bundle(bundle_cache, "seq"))
+    modules = CheckpointModules(bundle, load_reference_graphs)
     for graph in bundle.graph_names:
-        fp32 = TorchRunner(bundle, graph).activate()
-        fp16 = TorchRunner(bundle, graph, precision="fp16").activate()
+        fp32 = TorchRunner(bundle, graph, "cpu", modules).activate()
+        fp16 = TorchRunner(bundle, graph, "cpu", modules, precision="fp16").activate()
         feed = _random_feed(fp32.spec, 8, bundle.shapes["V"], seed=1)
         got, ref = fp16.infer(feed), fp32.infer(feed)
         assert all(got[name].dtype == torch.float32 for name in got)  # the spec's dtype, not float16
@@ -428,7 +431,8 @@ def test_gpu_check_dry_run_writes_its_report(tmp_path):
 @pytest.mark.parametrize("cuda_graph,compile,precision", [
     (False, False, "fp32"), (True, False, "fp32"), (True, True, "fp32"), (True, True, "fp16")])
 def test_cuda_sampling_loop_never_synchronises(bundle, cuda_graph, compile, precision):
-    runners = make_runners(bundle, "torch", precision, "cuda", cuda_graph=cuda_graph, compile=compile)
+    runners = make_runners(bundle, "torch", precision, "cuda", cuda_graph=cuda_graph, compile=compile,
+                           reference=load_reference_graphs)
     for runner in runners.values():
         runner.activate()
     sampler = Sampler.from_bundle(bundle, runners)

@@ -62,7 +62,9 @@ def test_compile_flag_gives_the_same_samples(capsys, tmp_path, seq_bundle):
 
 def test_seq_latent_steps_default_to_steps(capsys, tmp_path, seq_bundle):
     default, explicit = tmp_path / "a.npy", tmp_path / "b.npy"
-    assert run_cli(capsys, "--bundle", seq_bundle, "--steps", 3, "--num", 4, "--out", default)[0] == 0
+    code, err = run_cli(capsys, "--bundle", seq_bundle, "--steps", 3, "--num", 4, "--out", default)
+    assert code == 0 and "sample seq (ort): 6/6 steps (100%)" in err  # 3 latent + 3 token steps
+    assert "\r" not in err and err.count("6/6 steps") == 1  # not a terminal: plain lines, the end once
     assert run_cli(capsys, "--bundle", seq_bundle, "--steps", 3, "--latent-steps", 3, "--num", 4,
                    "--out", explicit)[0] == 0
     np.testing.assert_array_equal(np.load(default), np.load(explicit))
@@ -147,7 +149,9 @@ def test_bench_prints_a_table_and_writes_json(capsys, tmp_path, seq_bundle):
     main_args = ["bench", "--bundle", str(seq_bundle), "--batch", "1,2", "--steps", "2", "--repeat", "1",
                  "--threads", "1", "--json", str(out)]
     main(main_args)
-    table = capsys.readouterr().out
+    table, err = capsys.readouterr()
+    # progress until the table: 2 batches x (2 warm-ups + 2 timed + 1 instrumented) calls
+    assert err.splitlines()[-1].startswith("bench seq (ort fp32): 10/10 calls (100%), ")
     rows = json.loads(out.read_text())
     assert [r["batch"] for r in rows] == [1, 2] and all(r["steps"] == 4 for r in rows)  # seq: 2 latent + 2 token
     assert all(r["runtime_ms_per_step"] > 0 and r["reference_ms_per_step"] > 0 for r in rows)

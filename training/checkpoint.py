@@ -11,7 +11,6 @@ and refused above a bound before anything is allocated.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import pickle
 import re
 import reprlib
@@ -21,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from runtimes.bundle import tokenizer_problem
 from runtimes.fileio import check_input_file, write_atomic
+from runtimes.tokenizer import tokenizer_problem
 from training.config import ConfigError, ModelConfig
-from training.model import LDDM
+from training.model import LDDM, graph_modules
 
 FORMAT = "lddm-checkpoint"
 VERSION = 1
@@ -174,16 +173,18 @@ def load_checkpoint(path: str | Path, check_finite: bool = True,
     return model.eval(), ckpt
 
 
+def load_reference_graphs(path: str | Path) -> tuple[str, dict[str, torch.nn.Module]]:
+    """The checkpoint's variant and its graphs' reference modules (training.model.graph_modules).
+
+    This is the loader the torch backend of runtimes is given (make_runners(..., reference=
+    load_reference_graphs)): runtimes imports nothing from training. Raises CheckpointError.
+    """
+    model, _ = load_checkpoint(path)
+    return model.cfg.variant, graph_modules(model)
+
+
 def _is_pickle(path: Path) -> bool:
     """A raw pickle (protocol 2+) starts with the PROTO opcode 0x80 and the protocol number."""
     with open(path, "rb") as f:
         head = f.read(2)
     return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

@@ -1,10 +1,11 @@
 """Reference samplers (MDLM, FUJI, SEQ): the loops the runtimes must reproduce token for token.
 
 Everything here follows docs/contracts.md exactly:
-- time grid t_k = 1 - k / T, k = 0..T; step k goes from t = t_k to s = t_{k+1}; the network
-  sees t as float32 [B]; schedule scalars are Python floats (float64);
+- time grid t_k = 1 - k / T, k = 0..T (runtimes.schedules.time_grid); step k goes from t = t_k
+  to s = t_{k+1}; the network sees t as float32 [B]; schedule scalars are Python floats (float64);
 - noise protocol: all randomness is drawn up front by `make_draws` from
-  numpy.random.default_rng(seed): first y_init (fuji, seq), then the token-step uniforms u;
+  numpy.random.default_rng(seed): first y_init (fuji, seq), then the token-step uniforms u
+  (through runtimes.noise.draw_noise, the protocol's one implementation);
 - token step: the MDLM bridge with float64 categorical draws and SUBS carry-over;
 - latent step: DDIM (eta = 0); the returned latent is the last y0_hat (final noise removal).
 
@@ -18,7 +19,9 @@ from typing import Callable, NamedTuple
 import numpy as np
 import torch
 
-from runtimes.schedules import latent_steps_for
+from runtimes.noise import draw_noise
+from runtimes.options import MAX_BATCH, MAX_SAMPLES, MAX_STEPS, check_int
+from runtimes.schedules import latent_steps_for, time_grid
 from training.config import ModelConfig
 from training.model import LDDM
 from training.schedules import latent_schedule, mask_schedule
@@ -50,24 +53,11 @@ def make_draws(seed: int, batch: int, cfg: ModelConfig, token_steps: int) -> dic
     Returns:
         {"y_init": float32 [B, P, D] (fuji, seq only), "u": float64 [T_x, B, L]}.
     """
-    _check_positive(batch=batch, token_steps=token_steps)
-    rng = np.random.default_rng(seed)
-    draws = {}
-    if cfg.has_latent:
-        draws["y_init"] = rng.standard_normal((batch, cfg.n_latent, cfg.latent_dim)).astype(np.float32)
-    draws["u"] = rng.random((token_steps, batch, cfg.seq_len))
-    return draws
-
-
-def time_grid(steps: int) -> list[float]:
-    """t_k = 1 - k / T for k = 0..T, as Python floats (t_0 = 1 is pure noise, t_T = 0)."""
-    return [1.0 - k / steps for k in range(steps + 1)]
-
-
-def _check_positive(**values: int) -> None:
-    for name, value in values.items():
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    check_int("batch", batch, 1, MAX_BATCH, ValueError)
+    check_int("token_steps", token_steps, 1, MAX_STEPS, ValueError)
+    noise = draw_noise(seed, batch, token_steps, cfg.seq_len,
+                       (cfg.n_latent, cfg.latent_dim) if cfg.has_latent else None)
+    return {"u": noise.u} if noise.y_init is None else {"y_init": noise.y_init, "u": noise.u}
 
 
 def _float64_scalar(fn, t: float) -> float:
@@ -126,7 +116,7 @@ class _Chain:
 
     def __init__(self, model: LDDM, draws: dict[str, np.ndarray], token_steps: int, float64: bool):
         cfg = model.cfg
-        _check_positive(token_steps=token_steps)
+        check_int("token_steps", token_steps, 1, MAX_STEPS, ValueError)
         u = draws.get("u")
         if u is None or u.ndim != 3 or u.shape[0] != token_steps or u.shape[2] != cfg.seq_len:
             got = None if u is None else tuple(u.shape)
@@ -247,7 +237,7 @@ def sample_seq(model: LDDM, draws: dict[str, np.ndarray], token_steps: int, late
         Samples(tokens int64 [B, L], latent float32 [B, P, D] = the latent chain's last y0_hat).
     """
     _require_variant(model, "seq")
-    _check_positive(latent_steps=latent_steps)
+    check_int("latent_steps", latent_steps, 1, MAX_STEPS, ValueError)
     model.eval()
     chain = _Chain(model, draws, token_steps, float64)
     y = chain.y_init
@@ -281,7 +271,8 @@ def sample_ar(model: LDDM, seed: int, num: int, batch_size: int = 256) -> torch.
     """
     if model.cfg.variant != "ar":
         raise ValueError(f"sample_ar needs an 'ar' model, got variant {model.cfg.variant!r}")
-    _check_positive(num=num, batch_size=batch_size)
+    check_int("num", num, 1, MAX_SAMPLES, ValueError)
+    check_int("batch_size", batch_size, 1, MAX_BATCH, ValueError)
     model.eval()
     cfg, device = model.cfg, next(model.parameters()).device
     out = []
@@ -321,7 +312,9 @@ def sample(model: LDDM, seed: int, num: int, steps: int, latent_steps: int | Non
     variant = model.cfg.variant
     if variant not in ("mdlm", "fuji", "seq"):
         raise ValueError(f"variant {variant!r} is not a diffusion model; sample() takes mdlm, fuji or seq")
-    _check_positive(num=num, steps=steps, batch_size=batch_size)
+    check_int("num", num, 1, MAX_SAMPLES, ValueError)
+    check_int("steps", steps, 1, MAX_STEPS, ValueError)
+    check_int("batch_size", batch_size, 1, MAX_BATCH, ValueError)
     if latent_steps is not None and variant != "seq":
         raise ValueError(f"latent_steps applies to seq models only; this model is {variant!r}, leave it unset")
     if cache and variant != "mdlm":

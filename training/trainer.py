@@ -21,13 +21,13 @@ import copy
 import dataclasses
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from runtimes.fileio import WriteError, check_input_file, check_target, write_atomic
+from runtimes.progress import progress as show_progress
 from training.checkpoint import CheckpointError, save_checkpoint
 from training.config import ConfigError, ModelConfig
 from training.data import HELDOUT_SEED
@@ -201,6 +201,151 @@ def interrupt_note(step: int, saved: tuple[Path, int] | None, cfg: TrainConfig) 
     return f"interrupted at step {step}; the resume file {path} holds step {at}: continue with --resume {path}"
 
 
+# ----------------------------------------------------------------------------- the steps of a run
+
+@dataclass
+class Run:
+    """What a run carries from step to step; a resume file holds its snapshot()."""
+    model: LDDM
+    ema_model: LDDM | None
+    opt: torch.optim.Optimizer
+    gen: torch.Generator          # draws every batch, time and mask of training, in order
+    step: int = 0
+    elapsed: float = 0.0          # seconds spent by the runs that this one continues
+    history: list[dict] = field(default_factory=list)  # one record per evaluation
+    recent: list[tuple[float, float]] = field(default_factory=list)  # the last 100 (loss_x, loss_y)
+    saved: tuple[Path, int] | None = None  # (resume file, its step): where the run can be continued from
+    started: float = field(default_factory=time.time)
+
+    @property
+    def kept_model(self) -> LDDM:
+        """The weights that are evaluated and saved: the EMA's when EMA is on."""
+        return self.model if self.ema_model is None else self.ema_model
+
+    def seconds(self) -> float:
+        return self.elapsed + time.time() - self.started
+
+
+def start_run(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device) -> Run:
+    """A fresh run: the model initialised from cfg.seed, its EMA copy, the optimiser, the generator."""
+    torch.manual_seed(cfg.seed)
+    model = LDDM(model_cfg).to(device).train()
+    ema_model = copy.deepcopy(model).requires_grad_(False) if cfg.ema > 0 else None
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+    return Run(model, ema_model, opt, torch.Generator().manual_seed(cfg.seed))
+
+
+def resume_run(run: Run, path: str | Path, model_cfg: ModelConfig, cfg: TrainConfig) -> None:
+    """Continue `run` from a resume file: weights, EMA, optimiser, generator state, step and records."""
+    state = load_resume(path, model_cfg, cfg)
+    run.model.load_state_dict(state["model"])
+    if run.ema_model is not None:
+        run.ema_model.load_state_dict(state["ema"])
+    run.opt.load_state_dict(state["optimizer"])
+    run.gen.set_state(state["generator"])
+    run.step, run.elapsed, run.history, run.recent = state["step"], state["elapsed"], state["history"], state["recent"]
+    run.saved = (Path(path), run.step)
+
+
+def snapshot(run: Run, model_cfg: ModelConfig, cfg: TrainConfig) -> dict:
+    """The resume file's content (load_resume reads it back)."""
+    return {"model_config": model_cfg.to_dict(), "train_config": cfg.to_dict(), "step": run.step,
+            "model": run.model.state_dict(), "ema": None if run.ema_model is None else run.ema_model.state_dict(),
+            "optimizer": run.opt.state_dict(), "generator": run.gen.get_state(),
+            "elapsed": run.seconds(), "history": run.history, "recent": run.recent}
+
+
+def enter_stage(run: Run, n_stage1: int) -> int:
+    """The stage of run.step (1 or 2), with the encoder trainable in stage 1 only.
+
+    At the first step of stage 2 the running train losses restart (the loss changes), and the
+    EMA's encoder becomes the frozen one: it defines the latents of stage 2, so the saved
+    encoder must be it.
+    """
+    stage = 1 if run.step < n_stage1 else 2
+    if n_stage1 > 0:
+        run.model.encoder.requires_grad_(stage == 1)
+        if run.step == n_stage1:
+            run.recent = []
+            if run.ema_model is not None:
+                run.ema_model.encoder.load_state_dict(run.model.encoder.state_dict())
+    return stage
+
+
+def lambda_y_for(step: int, n_stage1: int, cfg: TrainConfig) -> float:
+    """lambda_y at `step`: its ramp starts with stage 2."""
+    return lambda_y_at(step - n_stage1, cfg.lambda_y, cfg.lambda_y_warmup, cfg.lambda_y_delay)
+
+
+def train_step(run: Run, data, device: torch.device, cfg: TrainConfig, stage: int, lambda_y: float,
+               opts: LossOptions):
+    """One optimiser step on one batch; returns the loss terms (losses.LossTerms)."""
+    for group in run.opt.param_groups:
+        group["lr"] = lr_at(run.step, cfg)
+    x0 = data.train_batch(cfg.batch_size, run.gen).to(device)
+    with autocast(device):
+        terms = compute_loss(run.model, x0, run.gen, stage, lambda_y, opts)
+    if not math.isfinite(terms.total.item()):
+        raise ConfigError(f"the loss became {terms.total.item()} at step {run.step}; lower --lr or raise --warmup")
+    run.opt.zero_grad(set_to_none=True)
+    terms.total.backward()
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+    run.opt.step()
+    if run.ema_model is not None:
+        update_ema(run.ema_model, run.model, run.step, cfg.ema)
+    run.step += 1
+    run.recent = (run.recent + [(terms.loss_x, terms.loss_y)])[-100:]
+    return terms
+
+
+def loss_fields(terms, stage: int, n_stage1: int, has_latent: bool) -> dict[str, str]:
+    """The progress bar's fields: the stage where there are two, loss_y where there is a latent."""
+    fields = {"stage": str(stage)} if n_stage1 else {}
+    fields["loss_x"] = f"{terms.loss_x:.4f}"
+    if has_latent:
+        fields["loss_y"] = f"{terms.loss_y:.4f}"
+    return fields
+
+
+def evaluation_record(run: Run, heldout: list[torch.Tensor], device: torch.device, cfg: TrainConfig,
+                      opts: LossOptions, has_latent: bool) -> dict[str, float]:
+    """The history entry of this step: the mean recent train losses and the held-out losses."""
+    ev = evaluate(run.kept_model, heldout, device, cfg.lambda_y, opts)
+    record = {"step": run.step, "train_x": sum(r[0] for r in run.recent) / len(run.recent),
+              "heldout_x": ev["heldout_x"]}
+    if has_latent:
+        record.update(train_y=sum(r[1] for r in run.recent) / len(run.recent), heldout_y=ev["heldout_y"])
+    return record
+
+
+def evaluation_line(record: dict, stage: int, n_stage1: int, seconds: float) -> str:
+    """e.g. "step 200: stage 2 train_x 0.4123 heldout_x 0.4301 ... (35 s)"."""
+    stage_note = [f"stage {stage}"] if n_stage1 else []
+    return " ".join([f"step {record['step']}:", *stage_note,
+                     *(f"{k} {v:.4f}" for k, v in record.items() if k != "step"), f"({seconds:.0f} s)"])
+
+
+def print_line(line: str) -> None:
+    print(line, flush=True)
+
+
+def write_resume(run: Run, out: Path, model_cfg: ModelConfig, cfg: TrainConfig) -> None:
+    save_resume(resume_path(out), snapshot(run, model_cfg, cfg))
+    run.saved = (resume_path(out), run.step)
+
+
+def write_checkpoint(run: Run, out: Path, data, cfg: TrainConfig) -> dict:
+    """Save the kept model with its provenance; returns the checkpoint's "train" entry."""
+    final = run.history[-1] if run.history else {}
+    info = {"steps": run.step, "data": data.name, "seed": cfg.seed,
+            "final_losses": {k: v for k, v in final.items() if k != "step"},
+            "history": run.history, "wall_time_s": round(run.seconds(), 1),
+            "options": cfg.to_dict(), "torch": str(torch.__version__)}
+    save_checkpoint(out, run.kept_model.cpu(), data.tokenizer, info)
+    return info
+
+
 # ----------------------------------------------------------------------------- the loop
 
 def train(model_cfg: ModelConfig, cfg: TrainConfig, data, out: str | Path,
@@ -213,98 +358,34 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data, out: str | Path,
         data: a data source from training.data.load_data.
         out: the checkpoint path; the resume file is `<out>.resume.pt`.
         resume: a resume file to continue from, or None.
-        progress: show a tqdm bar with the losses.
-        log: where evaluation lines go.
+        progress: show the progress (runtimes.progress) with the running losses.
+        log: where the resume and evaluation lines go (default: stdout).
     Returns:
         the checkpoint's "train" entry (steps, data, seed, losses, history, wall time).
     """
-    log = log or (lambda line: print(line, flush=True))
     out = check_out_path(out)
     device = pick_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    model = LDDM(model_cfg).to(device).train()
-    ema_model = copy.deepcopy(model).requires_grad_(False) if cfg.ema > 0 else None
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
-    gen = torch.Generator().manual_seed(cfg.seed)
+    run = start_run(model_cfg, cfg, device)
     opts = LossOptions(cfg.token_weighting, cfg.latent_weighting, cfg.p_cfg)
     heldout = data.heldout_batches(cfg.batch_size, cfg.eval_batches)
     n_stage1 = stage1_steps(model_cfg, cfg)
-
-    step, elapsed, history, recent = 0, 0.0, [], []
-    saved = None  # (resume file, its step): where this run can be continued from
+    n_params = sum(p.numel() for p in run.model.parameters())
+    (log or print_line)(f"train {model_cfg.variant}: {n_params:,} parameters on {device}, {cfg.max_steps} steps")
     if resume is not None:
-        state = load_resume(resume, model_cfg, cfg)
-        model.load_state_dict(state["model"])
-        if ema_model is not None:
-            ema_model.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        gen.set_state(state["generator"])
-        step, elapsed, history, recent = state["step"], state["elapsed"], state["history"], state["recent"]
-        saved = (Path(resume), step)
-        log(f"resumed from {resume} at step {step}")
-
-    def lambda_y(at_step: int) -> float:
-        return lambda_y_at(at_step - n_stage1, cfg.lambda_y, cfg.lambda_y_warmup, cfg.lambda_y_delay)
-
-    def snapshot() -> dict:
-        return {"model_config": model_cfg.to_dict(), "train_config": cfg.to_dict(), "step": step,
-                "model": model.state_dict(), "ema": ema_model.state_dict() if ema_model else None,
-                "optimizer": opt.state_dict(), "generator": gen.get_state(),
-                "elapsed": elapsed + time.time() - start, "history": history, "recent": recent}
-
-    start = time.time()
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not progress, dynamic_ncols=True)
+        resume_run(run, resume, model_cfg, cfg)
+        (log or print_line)(f"resumed from {resume} at step {run.step}")
+    run.started = time.time()
     try:
-        while step < cfg.max_steps:
-            stage = 1 if step < n_stage1 else 2
-            if model_cfg.has_latent and n_stage1 > 0:
-                model.encoder.requires_grad_(stage == 1)
-                if step == n_stage1:
-                    recent = []  # the running train losses restart with the new loss
-                    if ema_model is not None:
-                        # The frozen encoder defines the latents of stage 2; the saved one must be it.
-                        ema_model.encoder.load_state_dict(model.encoder.state_dict())
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, cfg)
-            x0 = data.train_batch(cfg.batch_size, gen).to(device)
-            with autocast(device):
-                terms = compute_loss(model, x0, gen, stage, lambda_y(step), opts)
-            if not math.isfinite(terms.total.item()):
-                raise ConfigError(f"the loss became {terms.total.item()} at step {step}; "
-                                  f"lower --lr or raise --warmup")
-            opt.zero_grad(set_to_none=True)
-            terms.total.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            if ema_model is not None:
-                update_ema(ema_model, model, step, cfg.ema)
-            step += 1
-            recent = (recent + [(terms.loss_x, terms.loss_y)])[-100:]
-            bar.update(1)
-            bar.set_postfix(stage=stage, loss_x=f"{terms.loss_x:.4f}", loss_y=f"{terms.loss_y:.4f}", refresh=False)
-            if step % cfg.eval_every == 0 or step == cfg.max_steps:
-                ev = evaluate(ema_model or model, heldout, device, cfg.lambda_y, opts)
-                record = {"step": step, "train_x": sum(r[0] for r in recent) / len(recent),
-                          "heldout_x": ev["heldout_x"]}
-                if model_cfg.has_latent:
-                    record.update(train_y=sum(r[1] for r in recent) / len(recent), heldout_y=ev["heldout_y"])
-                history.append(record)
-                stage_note = [f"stage {stage}"] if n_stage1 else []
-                line = " ".join([f"step {step}:", *stage_note,
-                                 *(f"{k} {v:.4f}" for k, v in record.items() if k != "step"),
-                                 f"({elapsed + time.time() - start:.0f} s)"])
-                (bar.write if progress else log)(line)
-                save_resume(resume_path(out), snapshot())
-                saved = (resume_path(out), step)
-        bar.close()
-        final = history[-1] if history else {}
-        info = {"steps": step, "data": data.name, "seed": cfg.seed,
-                "final_losses": {k: v for k, v in final.items() if k != "step"},
-                "history": history, "wall_time_s": round(elapsed + time.time() - start, 1),
-                "options": cfg.to_dict(), "torch": str(torch.__version__)}
-        save_checkpoint(out, (ema_model or model).cpu(), data.tokenizer, info)
+        with show_progress(cfg.max_steps, f"train {model_cfg.variant}", initial=run.step, enabled=progress) as bar:
+            while run.step < cfg.max_steps:
+                stage = enter_stage(run, n_stage1)
+                terms = train_step(run, data, device, cfg, stage, lambda_y_for(run.step, n_stage1, cfg), opts)
+                bar.set_postfix(**loss_fields(terms, stage, n_stage1, model_cfg.has_latent))
+                bar.update(1)
+                if run.step % cfg.eval_every == 0 or run.step == cfg.max_steps:
+                    run.history.append(evaluation_record(run, heldout, device, cfg, opts, model_cfg.has_latent))
+                    (log or bar.write)(evaluation_line(run.history[-1], stage, n_stage1, run.seconds()))
+                    write_resume(run, out, model_cfg, cfg)
+        return write_checkpoint(run, out, data, cfg)
     except KeyboardInterrupt:
-        bar.close()
-        raise Interrupted(interrupt_note(step, saved, cfg)) from None
-    return info
+        raise Interrupted(interrupt_note(run.step, run.saved, cfg)) from None

@@ -5,7 +5,6 @@ never a traceback.
 """
 from __future__ import annotations
 
-import ctypes
 import importlib
 import platform
 import sys
@@ -26,18 +25,6 @@ def _module(name: str):
         return f"not available ({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''})"
 
 
-def cuda_driver_version() -> str | None:
-    """The CUDA version the installed driver supports ("12.4"), or None without a driver."""
-    try:
-        cuda = ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return None
-    version = ctypes.c_int()
-    if cuda.cuDriverGetVersion(ctypes.byref(version)) != 0:
-        return None
-    return f"{version.value // 1000}.{version.value % 1000 // 10}"
-
-
 def jetpack_release(path: Path = TEGRA_RELEASE) -> str | None:
     """The L4T release line of a Jetson ("R36 (release), REVISION: 3.0, ..."), or None elsewhere."""
     if not path.is_file():
@@ -52,7 +39,7 @@ def probe() -> tuple[list[list[str]], list[list[str]]]:
     Returns:
         (versions rows [component, what], capabilities rows [task, yes/no and why]).
     """
-    from runtimes.cuda_util import gpu_identity
+    from runtimes.cuda_util import cuda_driver_version, gpu_identity
     from runtimes.errors import BackendUnavailable
 
     rows = [["python", f"{platform.python_version()} ({platform.machine()}, {sys.platform})"]]

@@ -1,6 +1,7 @@
 """`lddm-export inspect DIR`: a bundle's manifest as readable tables.
 
-Reads manifest.json without torch (it runs on a Jetson too) and checks every file's sha256.
+Reads manifest.json without torch (it runs on a Jetson too) and checks every file's sha256:
+the tables are printed either way, and a bundle with a file missing or changed exits 1.
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import click
 
 from lddm_export import manifest as manifests
+from runtimes.errors import BundleError
 
 
 def table(rows: list[list], header: list[str] | None = None) -> str:
@@ -30,8 +32,8 @@ def _size(root: Path, rel: str) -> str:
     return f"{path.stat().st_size / 1e6:.2f} MB" if path.is_file() else "missing"
 
 
-def describe(root: Path, m: dict) -> str:
-    """The whole report for one bundle, as text."""
+def describe(root: Path, m: dict, changed: list[str] | None = None) -> str:
+    """The whole report for one bundle, as text; `changed`: manifests.changed_files, if known."""
     s, sched, prof, ckpt = m["shapes"], m["schedule"], m["batch_profile"], m["checkpoint"]
     tok = m["tokenizer"]
     summary = [
@@ -54,7 +56,7 @@ def describe(root: Path, m: dict) -> str:
                 f"{e['profile']['min']}/{e['profile']['opt']}/{e['profile']['max']}"] for e in m["engines"]]
     islands = [[name, d["node"], d["op_type"], d["reason"]]
                for name, g in m["graphs"].items() for d in g.get("fp16_islands", [])]
-    changed = manifests.changed_files(root, m)
+    changed = manifests.changed_files(root, m) if changed is None else changed
     files = (f"{len(m['files'])} files, all match their sha256" if not changed
              else f"{len(changed)} of {len(m['files'])} files missing or changed since the build: {changed}")
     parts = [f"bundle {root}", table(summary),
@@ -67,7 +69,13 @@ def describe(root: Path, m: dict) -> str:
     return "\n".join(parts)
 
 
-@click.command(help="Show a bundle's manifest as tables (variant, shapes, graphs, engines, checkpoint, tools).")
+@click.command(help="Show a bundle's manifest as tables (variant, shapes, graphs, engines, checkpoint, tools) "
+                    "and check every file's sha256: exit 1 if one is missing or changed.")
 @click.argument("bundle", type=click.Path(path_type=Path))
 def command(bundle):
-    click.echo(describe(bundle, manifests.read_manifest(bundle)))
+    manifest = manifests.read_manifest(bundle)
+    changed = manifests.changed_files(bundle, manifest)
+    click.echo(describe(bundle, manifest, changed))
+    if changed:
+        raise BundleError(f"bundle {bundle}: {len(changed)} of {len(manifest['files'])} files are missing or "
+                          f"changed since the build ({', '.join(changed)}); rebuild it with lddm-export build")

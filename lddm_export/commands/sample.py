@@ -69,13 +69,13 @@ def write_samples(out: Path, tokens: np.ndarray, texts: list[str | None]) -> Non
 def command(bundle_dir, backend, precision, device, steps, latent_steps, num, batch_size, seed, out, ckpt,
             float32_draws, cache, cuda_graph, compile_, threads):
     """Sample token ids (and text) from a bundle."""
-    from tqdm import tqdm
-
     from runtimes.backends import check_choice, make_runners
     from runtimes.bundle import Bundle
+    from runtimes.progress import progress
     from runtimes.samplers import GRAPHS, Sampler, sample_batches
     from runtimes.schedules import latent_steps_for
     from runtimes.tokenizer import TextDecoder
+    from training.checkpoint import load_reference_graphs
 
     check_out(out)
     if ckpt is not None:
@@ -94,13 +94,12 @@ def command(bundle_dir, backend, precision, device, steps, latent_steps, num, ba
     decoder = TextDecoder(bundle.manifest["tokenizer"])
     runners = make_runners(bundle, backend, precision, device, ckpt=ckpt,
                            graphs=list(GRAPHS[bundle.variant]), cuda_graph=cuda_graph, threads=threads,
-                           compile=compile_ and backend == "torch")
+                           compile=compile_ and backend == "torch", reference=load_reference_graphs)
     for runner in runners.values():
         runner.activate()
     sampler = Sampler.from_bundle(bundle, runners, float64_draws=not float32_draws, cache=cache, compile=compile_)
     n_batches = -(-num // batch_size)
-    with tqdm(total=n_batches * (steps + (latent_steps or 0)), desc=f"sample {bundle.variant} ({backend})",
-              unit="step", leave=False) as bar:
+    with progress(n_batches * (steps + (latent_steps or 0)), f"sample {bundle.variant} ({backend})") as bar:
         result = sample_batches(sampler, seed, num, batch_size, steps, latent_steps,
                                 callback=lambda b, step: bar.update(1))
     for runner in runners.values():

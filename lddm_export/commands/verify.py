@@ -3,25 +3,18 @@ from __future__ import annotations
 
 import click
 
+from lddm_export.build import parse_precisions
 from lddm_export.commands.numbers import Int
-from runtimes.bundle import PRECISIONS
 from runtimes.fileio import check_input_file, check_target
 from runtimes.options import MAX_SAMPLES, MAX_SEED, MAX_STEPS, check_job
-
-
-def _precisions(ctx, param, value: str) -> tuple[str, ...]:
-    chosen = tuple(p.strip() for p in value.split(",") if p.strip())
-    unknown = [p for p in chosen if p not in PRECISIONS]
-    if not chosen or unknown:
-        raise click.BadParameter(f"{value!r} must be a comma-separated subset of {','.join(PRECISIONS)}")
-    return chosen
 
 
 @click.command("verify")
 @click.option("--bundle", "bundle_dir", required=True, type=click.Path(path_type=str), help="bundle directory")
 @click.option("--ckpt", required=True, type=click.Path(path_type=str), help="the checkpoint the bundle was built from")
 @click.option("--backend", type=click.Choice(["ort", "ort-trt", "trt"]), default="ort", show_default=True)
-@click.option("--precision", "precisions", default="fp32,fp16", show_default=True, callback=_precisions)
+@click.option("--precision", "precisions", default="fp32,fp16", show_default=True,
+              callback=lambda ctx, param, value: parse_precisions(value))
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda")
 @click.option("--steps", type=Int(1, MAX_STEPS), default=8, show_default=True, help="token steps (levels 2, 3)")
 @click.option("--latent-steps", type=Int(1, MAX_STEPS), default=None, help="seq latent steps [default: --steps]")
@@ -35,7 +28,8 @@ def _precisions(ctx, param, value: str) -> tuple[str, ...]:
 def command(bundle_dir, ckpt, backend, precisions, device, steps, latent_steps, samples, seed, evaluator, json_path):
     """Check a bundle against its checkpoint: per graph, per trajectory, per distribution.
 
-    Writes parity.json into the bundle and exits 1 when any tolerance fails.
+    Prints every measured value beside its threshold, writes parity.json into the bundle and
+    exits 1 when any tolerance fails. The sampling's progress goes to stderr.
     """
     from lddm_export.manifest import read_manifest
     from lddm_export.verify import VerifyOptions, verify_bundle

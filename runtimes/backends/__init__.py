@@ -4,8 +4,9 @@
 
 Backends (each imported only when chosen, so a CPU machine imports this module without
 onnxruntime-gpu or tensorrt):
-    torch    the reference modules from the bundle's checkpoint: eager, torch.compile'd, CUDA graphs;
-             fp32, or fp16 by autocast on CUDA
+    torch    the reference modules from the bundle's checkpoint, built by the caller's `reference`
+             loader (training.checkpoint.load_reference_graphs): eager, torch.compile'd, CUDA
+             graphs; fp32, or fp16 by autocast on CUDA
     ort      ONNX Runtime: CPU provider on --device cpu, CUDA provider on --device cuda
     ort-trt  ONNX Runtime with its TensorRT execution provider (CUDA runs the nodes TensorRT rejects;
              its FP16 is weakly typed, so native trt is the FP16 path of record)
@@ -18,12 +19,16 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from runtimes.base import Runner
 from runtimes.bundle import PRECISIONS, Bundle
 from runtimes.errors import BackendUnavailable
+
+if TYPE_CHECKING:
+    from runtimes.backends.torch_runner import ReferenceLoader
 
 BACKENDS = ("torch", "ort", "ort-trt", "trt")
 DEVICES = ("cpu", "cuda", "cuda:N")
@@ -67,7 +72,7 @@ def check_choice(backend: str, precision: str, device: str) -> torch.device:
 def make_runners(bundle: Bundle, backend: str, precision: str = "fp32", device: str = "cpu",
                  ckpt: str | Path | None = None, graphs: list[str] | None = None,
                  cuda_graph: bool | None = None, threads: int | None = None,
-                 compile: bool = False) -> dict[str, Runner]:
+                 compile: bool = False, reference: ReferenceLoader | None = None) -> dict[str, Runner]:
     """One (inactive) Runner per graph of the bundle.
 
     Args:
@@ -78,6 +83,9 @@ def make_runners(bundle: Bundle, backend: str, precision: str = "fp32", device: 
         cuda_graph: replay CUDA graphs (torch default off, trt default on); None for the default.
         threads: ort on the CPU: intra-op threads per session (None: onnxruntime's default).
         compile: torch backend only: torch.compile the modules (inside the CUDA graph, if any).
+        reference: torch backend only, and required there: checkpoint path -> (variant, graph
+            modules), e.g. training.checkpoint.load_reference_graphs. The runtime holds no model
+            code, so the layer above it passes the loader in.
     Returns:
         graph name -> Runner; activate them (or use them as context managers) before infer(),
         and deactivate them when done: on a GPU each holds its engine or session and buffers.
@@ -85,7 +93,8 @@ def make_runners(bundle: Bundle, backend: str, precision: str = "fp32", device: 
         overwritten by its next call at the same batch size (no [B, L, V] copy per step; the
         samplers clone what they keep): clone outputs that must outlive the next call.
     Raises:
-        BackendUnavailable: an unknown backend/precision/device, or one this machine lacks.
+        BackendUnavailable: an unknown backend/precision/device, or one this machine lacks;
+            the torch backend without `reference`.
     """
     parsed = check_choice(backend, precision, device)
     if compile and backend != "torch":
@@ -94,7 +103,11 @@ def make_runners(bundle: Bundle, backend: str, precision: str = "fp32", device: 
     max_batch = bundle.manifest["batch_profile"]["max"]
     if backend == "torch":
         from runtimes.backends.torch_runner import CheckpointModules, TorchRunner
-        modules = CheckpointModules(bundle, ckpt)
+        if reference is None:
+            raise BackendUnavailable("the torch backend runs the PyTorch reference modules, which the runtime "
+                                     "alone does not hold; pass reference=training.checkpoint.load_reference_graphs "
+                                     "to make_runners, or choose --backend ort")
+        modules = CheckpointModules(bundle, reference, ckpt)
         return {g: TorchRunner(bundle, g, str(parsed), modules, use_cuda_graph=bool(cuda_graph),
                                max_batch=max_batch, precision=precision, compile=compile) for g in graphs}
     if backend in ("ort", "ort-trt"):

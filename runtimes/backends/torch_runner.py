@@ -2,8 +2,9 @@
 
 The checkpoint is found through the manifest ("checkpoint": {"path", "sha256"}) or given
 explicitly; either way its sha256 must be the one recorded, so the reference is the model the
-bundle's graphs were exported from. training/ is imported lazily, on activation, so a deployed
-runtime without training/ still imports this module.
+bundle's graphs were exported from. The runtime does not know how to build the PyTorch modules
+(runtimes imports nothing above it, docs/design.md): the caller passes a ReferenceLoader,
+training.checkpoint.load_reference_graphs, which is called on activation.
 
 On a GPU, `use_cuda_graph=True` captures one CUDA graph per batch size (static input and
 output buffers, captured on first use) and replays it: one launch per call instead of one per
@@ -20,15 +21,50 @@ FP16 graph, not a copy of its islands.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from runtimes.base import Runner
-from runtimes.bundle import Bundle, sha256_file
+from runtimes.bundle import Bundle
 from runtimes.errors import BackendUnavailable, BundleError
+from runtimes.fileio import sha256_file
 from runtimes.spec import torch_dtype
 
 WARMUP_CALLS = 3  # calls on a side stream before capture (cuBLAS workspaces, lazy init, compilation)
+
+# checkpoint path -> (the model's variant, graph name -> its reference module in eval mode)
+ReferenceLoader = Callable[[Path], tuple[str, dict[str, torch.nn.Module]]]
+
+
+def checkpoint_path(bundle: Bundle, ckpt: str | Path | None = None) -> Path:
+    """The checkpoint the torch backend loads, checked against the manifest's sha256.
+
+    Args:
+        bundle: the opened bundle.
+        ckpt: an explicit checkpoint path (--ckpt), or None to use the path the manifest records.
+    Raises:
+        BundleError: no such file, or not the checkpoint the bundle was built from.
+    """
+    recorded = bundle.manifest["checkpoint"] or {}
+    want = recorded.get("sha256")
+    if ckpt is not None:
+        path, source = Path(ckpt), "--ckpt"
+    else:
+        if not recorded.get("path"):
+            raise BundleError(f"bundle {bundle.root} records no checkpoint path; pass --ckpt model.pt "
+                              f"for the torch backend")
+        path, source = Path(recorded["path"]), "the manifest"
+        if not path.is_absolute():
+            path = bundle.root / path
+    if not path.is_file():
+        raise BundleError(f"checkpoint {path} (from {source}) does not exist; pass the bundle's model.pt "
+                          f"with --ckpt for the torch backend")
+    if want and sha256_file(path) != want:
+        raise BundleError(f"checkpoint {path} (from {source}) is not the one bundle {bundle.root} was "
+                          f"built from (sha256 differs); pass the original model.pt with --ckpt or rebuild "
+                          f"the bundle")
+    return path
 
 
 class CheckpointModules:
@@ -36,45 +72,21 @@ class CheckpointModules:
 
     Args:
         bundle: the opened bundle.
+        load: builds the reference modules from a checkpoint file (the caller's, see ReferenceLoader).
         ckpt: an explicit checkpoint path, or None to use the path the manifest records.
     """
 
-    def __init__(self, bundle: Bundle, ckpt: str | Path | None = None):
-        self.bundle, self.ckpt = bundle, ckpt
+    def __init__(self, bundle: Bundle, load: ReferenceLoader, ckpt: str | Path | None = None):
+        self.bundle, self.load, self.ckpt = bundle, load, ckpt
         self._modules: dict[str, torch.nn.Module] | None = None
-
-    def checkpoint_path(self) -> Path:
-        """The checkpoint to load, checked against the manifest's sha256. Raises BundleError."""
-        recorded = self.bundle.manifest["checkpoint"] or {}
-        want = recorded.get("sha256")
-        if self.ckpt is not None:
-            path, source = Path(self.ckpt), "--ckpt"
-        else:
-            if not recorded.get("path"):
-                raise BundleError(f"bundle {self.bundle.root} records no checkpoint path; pass --ckpt model.pt "
-                                  f"for the torch backend")
-            path, source = Path(recorded["path"]), "the manifest"
-            if not path.is_absolute():
-                path = self.bundle.root / path
-        if not path.is_file():
-            raise BundleError(f"checkpoint {path} (from {source}) does not exist; pass the bundle's model.pt "
-                              f"with --ckpt for the torch backend")
-        if want and sha256_file(path) != want:
-            raise BundleError(f"checkpoint {path} (from {source}) is not the one bundle {self.bundle.root} was "
-                              f"built from (sha256 differs); pass the original model.pt with --ckpt or rebuild "
-                              f"the bundle")
-        return path
 
     def __call__(self) -> dict[str, torch.nn.Module]:
         if self._modules is None:
-            from training.checkpoint import load_checkpoint
-            from training.model import graph_modules
-
-            model, _ = load_checkpoint(self.checkpoint_path())
-            if model.cfg.variant != self.bundle.variant:
-                raise BundleError(f"checkpoint is a {model.cfg.variant} model but bundle {self.bundle.root} "
+            variant, modules = self.load(checkpoint_path(self.bundle, self.ckpt))
+            if variant != self.bundle.variant:
+                raise BundleError(f"checkpoint is a {variant} model but bundle {self.bundle.root} "
                                   f"is {self.bundle.variant}; pass the bundle's own model.pt")
-            self._modules = graph_modules(model)
+            self._modules = modules
         return self._modules
 
 
@@ -85,9 +97,8 @@ class TorchRunner(Runner):
         bundle: the opened bundle (graph spec, checkpoint record, batch profile).
         graph: the graph name, e.g. "denoiser".
         device: "cpu" or "cuda[:i]".
-        modules: a CheckpointModules shared by the bundle's runners (loads the model once);
-            None builds one from `ckpt`.
-        ckpt: an explicit checkpoint path (used when `modules` is None).
+        modules: returns graph name -> reference module when called; a CheckpointModules
+            shared by the bundle's runners loads the model once.
         use_cuda_graph: replay one captured CUDA graph per batch size (CUDA devices only).
             The returned tensors are then the graph's static output buffers, overwritten by the
             next call at the same batch size: clone what must outlive it.
@@ -98,8 +109,8 @@ class TorchRunner(Runner):
 
     backend = "torch"
 
-    def __init__(self, bundle: Bundle, graph: str, device: str = "cpu",
-                 modules: CheckpointModules | None = None, ckpt: str | Path | None = None,
+    def __init__(self, bundle: Bundle, graph: str, device: str,
+                 modules: Callable[[], dict[str, torch.nn.Module]],
                  use_cuda_graph: bool = False, max_batch: int | None = None, precision: str = "fp32",
                  compile: bool = False):
         super().__init__(bundle.spec(graph), device, max_batch)
@@ -107,7 +118,7 @@ class TorchRunner(Runner):
             raise BackendUnavailable(f"CUDA graphs need a CUDA device, got --device {device}; "
                                      f"use --device cuda or turn CUDA graphs off")
         self.graph = graph
-        self.modules = modules or CheckpointModules(bundle, ckpt)
+        self.modules = modules
         self.use_cuda_graph, self.compile = use_cuda_graph, compile
         self.autocast = torch.autocast(self.device.type, dtype=torch.float16, enabled=precision == "fp16")
         self._out_dtypes = {s.name: torch_dtype(s.dtype) for s in self.spec.outputs}
