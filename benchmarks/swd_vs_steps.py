@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training.checkpoint import load_checkpoint, sha256_file
+from runtimes.fileio import sha256_file
+from training.checkpoint import load_checkpoint
 from training.data import sample_sawtooth
 from training.metrics import SWD_DIRECTIONS, sliced_wasserstein, unigram_entropy
 from training.sampling import sample

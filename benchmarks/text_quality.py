@@ -24,8 +24,10 @@ pass (--score) needs every cell and writes results/text.json, text_run.json and 
     python benchmarks/text_quality.py --rows seq,seq_ty=T,fuji_fresh_latent,seq_fresh_latent
     python benchmarks/text_quality.py --score                   # results/text.json, text_*.png
 
-The full counts take about 3 CPU-hours at the shipped size; --reduced-from 16 --reduced-num 32
-(the recorded run) keeps 5 x 256 samples for T <= 8 and draws 5 x 32 for the long chains.
+One reference-sampler step on 256 samples takes about 8 s of one core at the shipped size, so
+the full counts of T = 32, 64 and 128 cost about 2.5 CPU-hours per row; --reduced-from 32
+--reduced-num 32 (the recorded run) keeps 5 x 256 samples for T <= 16 and draws 5 x 32 for
+the longer chains.
 """
 from __future__ import annotations
 
@@ -40,7 +42,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from training.checkpoint import load_checkpoint, sha256_file
+from runtimes.fileio import sha256_file
+from training.checkpoint import load_checkpoint
 from training.data import TextData, decode_ids
 from training.metrics import ar_perplexity, unigram_entropy
 from training.model import LDDM

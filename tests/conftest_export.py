@@ -25,10 +25,11 @@ BATCHES = (1, 3, 8)
 TIMES = (0.001, 0.5, 0.999)
 
 
-def random_model(variant: str, seed: int = 0, std: float = 0.2) -> LDDM:
-    """A tiny model of `variant` with every parameter drawn from N(0, std^2)."""
+def random_model(variant: str, seed: int = 0, std: float = 0.2, **sizes) -> LDDM:
+    """A tiny model of `variant` (TINY, with `sizes` overriding its fields) with every parameter
+    drawn from N(0, std^2)."""
     torch.manual_seed(seed)
-    model = LDDM(ModelConfig(variant=variant, **TINY)).eval()
+    model = LDDM(ModelConfig(variant=variant, **{**TINY, **sizes})).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, std)

@@ -6,11 +6,13 @@ import onnx
 import pytest
 import torch
 
-from conftest_export import OPSET, exported, parity_runs, session
+from conftest_export import OPSET, exported, parity_runs, random_model, session
 from lddm_export import export
 from runtimes.compare import compare_outputs, measure
 from runtimes.errors import LddmError, ShapeMismatch, ToleranceExceeded
+from runtimes.spec import graph_specs
 from runtimes.tolerances import FP32_MAX_REL, OutputTolerance, graph_tolerances
+from training.model import graph_modules
 
 # Written out (not derived from GRAPHS_BY_VARIANT): test_coverage.py checks that this list
 # covers every exported (variant, graph) pair.
@@ -30,6 +32,22 @@ def test_fp32_graph_matches_torch(variant, graph):
         assert all(r.max_rel <= FP32_MAX_REL and r.nonfinite == 0 for r in reports.values())
         runs += 1
     assert runs == (3 if graph == "encoder" else 9)
+
+
+@pytest.mark.parametrize("variant", ["fuji", "seq"])
+def test_chunk_layout_graphs_match_torch(variant):
+    # The chunk-pooling encoder (a reshape and a mean) and the denoisers' chunk-centred latent
+    # positions (other rotary constants) export as faithfully as the slot layout.
+    model = random_model(variant, n_latent=4, latent_layout="chunks")
+    cfg = model.cfg
+    specs = graph_specs(variant, cfg.seq_len, cfg.n_latent, cfg.latent_dim, cfg.total_vocab)
+    for name, module in graph_modules(model).items():
+        sess = session(export.export_graph(module, specs[name], cfg.total_vocab, OPSET))
+        tolerances = graph_tolerances("fp32", specs[name].output_names)
+        for label, feed, ref in parity_runs(module, specs[name], cfg.total_vocab):
+            got = dict(zip(specs[name].output_names, sess.run(None, feed)))
+            reports = compare_outputs(f"{variant}/{name} chunks fp32 ({label})", got, ref, tolerances)
+            assert all(r.max_rel <= FP32_MAX_REL and r.nonfinite == 0 for r in reports.values())
 
 
 @pytest.mark.parametrize("variant,graph", FP32_PARITY_CASES)

@@ -11,7 +11,8 @@ from training.data import (SawtoothData, TextData, decode_ids, load_data, sample
                            sawtooth_entropy, sawtooth_probs)
 from training.losses import (T_MIN, LossOptions, compute_loss, drop_latent, lambda_y_at,
                              mask_tokens, sample_times)
-from training.model import LDDM, Rotary
+from training.model import LDDM, Rotary, joint_positions
+from training import trainer
 from training.trainer import TrainConfig, resume_path, train
 
 L = 16
@@ -169,7 +170,29 @@ def test_rotary_rotates_each_pair_of_halves_by_its_position_angle():
     angles = torch.arange(n).float()[:, None] * inv_freq
     cos, sin = angles.cos(), angles.sin()
     textbook = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-    assert torch.equal(Rotary(head_dim, n)(x), textbook)  # bit for bit: the same roundings
+    assert torch.equal(Rotary(head_dim, torch.arange(n))(x), textbook)  # bit for bit: the same roundings
+
+
+def test_chunk_layout_pools_chunks_and_centres_the_latent_positions():
+    cfg = ModelConfig(variant="fuji", vocab_size=5, seq_len=16, n_latent=4, latent_dim=4,
+                      latent_layout="chunks", **PRESETS["tiny"])
+    assert joint_positions(cfg)[16:].tolist() == [1.5, 5.5, 9.5, 13.5]  # chunk i covers 4i..4i+3
+    slots = ModelConfig(**{**cfg.to_dict(), "latent_layout": "slots"})
+    assert joint_positions(slots)[16:].tolist() == [16, 17, 18, 19]
+    # Slot i reads chunk i only through the encoder's attention: with a one-token change in
+    # chunk 0 every slot may move, but slot 0 moves most.
+    torch.manual_seed(0)
+    encoder = LDDM(cfg).encoder.eval()
+    with torch.no_grad():
+        for p in encoder.parameters():
+            p.normal_(0.0, 0.2)
+        x = torch.randint(0, 5, (1, 16))
+        x2 = x.clone()
+        x2[0, 1] = (x[0, 1] + 1) % 5
+        moved = (encoder(x2) - encoder(x)).norm(dim=-1)[0]  # (P,)
+    assert moved.argmax().item() == 0
+    with pytest.raises(ConfigError, match="divisible by n_latent"):
+        ModelConfig(**{**cfg.to_dict(), "n_latent": 3})
 
 
 def fit_fixed_batch(variant: str, stage: int, steps: int = 25) -> list[tuple[float, float]]:
@@ -294,6 +317,34 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_run_interrupted_in_stage_1_and_resumed_matches_an_uninterrupted_one(tmp_path, monkeypatch):
+    cfg = TrainConfig(max_steps=8, batch_size=8, warmup=2, eval_every=3, eval_batches=1, device="cpu",
+                      stage1_frac=0.5, ema=0.99, lambda_y_warmup=2)  # stage 2 starts at step 4
+    straight, split = tmp_path / "straight.pt", tmp_path / "split.pt"
+    train(tiny_config("seq"), cfg, SawtoothData(L), straight, progress=False, log=lambda line: None)
+    real, calls = trainer.compute_loss, []
+
+    def interrupt_at_step_4(*args, **kwargs):  # calls 1-3: steps 1-3; call 4: the evaluation at step 3
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "compute_loss", interrupt_at_step_4)
+    with pytest.raises(trainer.Interrupted, match="holds step 3"):
+        train(tiny_config("seq"), cfg, SawtoothData(L), split, progress=False, log=lambda line: None)
+    monkeypatch.setattr(trainer, "compute_loss", real)
+    train(tiny_config("seq"), cfg, SawtoothData(L), split, resume=resume_path(split), progress=False,
+          log=lambda line: None)
+    (a, ckpt_a), (b, ckpt_b) = load_checkpoint(straight), load_checkpoint(split)
+    assert all(torch.equal(a.state_dict()[k], v) for k, v in b.state_dict().items())
+    assert ckpt_a["train"]["history"] == ckpt_b["train"]["history"]
+    resume_a, resume_b = (torch.load(resume_path(out), weights_only=True) for out in (straight, split))
+    assert torch.equal(resume_a["generator"], resume_b["generator"]) and resume_a["recent"] == resume_b["recent"]
+    for state_a, state_b in zip(resume_a["optimizer"]["state"].values(), resume_b["optimizer"]["state"].values()):
+        assert all(torch.equal(state_a[k], state_b[k]) for k in ("step", "exp_avg", "exp_avg_sq"))
+
+
 def test_resume_refuses_another_model_or_other_options(tmp_path):
     tiny_run(tmp_path, max_steps=2)
     resume = resume_path(tmp_path / "model.pt")
@@ -343,7 +394,7 @@ def test_cli_size_flags_override_the_preset(tmp_path, capsys):
               "--threads", "1", "--out", str(out)])
     cfg = load_checkpoint(out)[0].cfg
     assert (cfg.width, cfg.depth, cfg.heads) == (32, 1, 2)
-    assert (cfg.cond_dim, cfg.n_latent, cfg.latent_dim) == (PRESETS["text"]["cond_dim"], 8, 16)  # kept from the preset
+    assert (cfg.cond_dim, cfg.n_latent, cfg.latent_layout) == (64, 16, "chunks")  # kept from the preset
 
 
 @pytest.mark.parametrize("flags,expected", [

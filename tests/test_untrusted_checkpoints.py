@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from bundle_fixture import tiny_checkpoint
 from lddm_export.cli import main
 from training.checkpoint import CheckpointError, load_checkpoint
-from training.config import LATENT_SCHEDULES, MASK_SCHEDULES, VARIANTS, ModelConfig
+from training.config import LATENT_LAYOUTS, LATENT_SCHEDULES, MASK_SCHEDULES, VARIANTS, ModelConfig
 
 SETTINGS = settings(max_examples=8, deadline=None, database=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -93,7 +93,8 @@ def bad_value(name: str, value):
             lambda v: not (isinstance(v, float) and (low <= v <= high if closed else low < v < high)))
     if kind == "bool":
         return scalars.filter(lambda v: not isinstance(v, bool))
-    choices = {"variant": VARIANTS, "mask_schedule": MASK_SCHEDULES, "latent_schedule": LATENT_SCHEDULES}[name]
+    choices = {"variant": VARIANTS, "mask_schedule": MASK_SCHEDULES, "latent_schedule": LATENT_SCHEDULES,
+               "latent_layout": LATENT_LAYOUTS}[name]
     return scalars.filter(lambda v: v not in choices) if name != "variant" else scalars.filter(lambda v: v != "fuji")
 
 

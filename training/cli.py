@@ -13,14 +13,15 @@ import argparse
 import math
 import signal
 import sys
+import time
 
 import torch
 
 from runtimes.errors import LddmError
 from runtimes.options import MAX_BATCH, MAX_SEED, MAX_THREADS, OptionError, check_int
 from training.checkpoint import MAX_MODEL_GIB, CheckpointError, model_gib
-from training.config import PRESETS, VARIANTS, ConfigError, ModelConfig
-from training.data import DATA_CHOICES, TOKENIZER_CHOICES, load_data
+from training.config import LATENT_LAYOUTS, PRESETS, VARIANTS, ConfigError, ModelConfig
+from training.data import TOKENIZER_CHOICES, load_data
 from training.losses import WEIGHTINGS
 from training.trainer import Interrupted, TrainConfig, check_out_path, train
 
@@ -36,6 +37,18 @@ INT_RANGES = {
 }
 
 
+class HelpWithDefaults(argparse.HelpFormatter):
+    """Each option's help ends with its default, or "(required)"; flags and unset options show none."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.required:
+            return f"{text} (required)".lstrip()
+        if any(action.default is unset for unset in (None, False, argparse.SUPPRESS)) or "default:" in text:
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse whose errors are one line (no usage block) with exit status 2."""
 
@@ -46,61 +59,81 @@ class OneLineParser(argparse.ArgumentParser):
 def int_arg(group, flag: str, help: str = "", **kwargs) -> None:
     """An integer option checked against INT_RANGES[flag] (an OptionError, not argparse's words)."""
     low, high = INT_RANGES[flag]
-    group.add_argument(flag, type=lambda text: check_int(flag, text, low, high),
+    group.add_argument(flag, type=lambda text: check_int(flag, text, low, high), metavar="N",
                        help=f"{help} [{low}..{high}]".lstrip(), **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
-    p = OneLineParser(prog="lddm-train", description=__doc__.split("\n\n")[0],
-                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--variant", required=True, choices=VARIANTS)
-    p.add_argument("--data", default="sawtooth", help=f"one of {', '.join(DATA_CHOICES)}")
-    int_arg(p, "--max-steps", required=True)
-    p.add_argument("--out", required=True, help="checkpoint path; the resume file is <out>.resume.pt")
+    p = OneLineParser(prog="lddm-train", description=__doc__.split("\n\n")[0], formatter_class=HelpWithDefaults,
+                      epilog="example: lddm-train --variant seq --data sawtooth --preset small --max-steps 2000 "
+                             "--out model.pt")
+    p.add_argument("--variant", required=True, choices=VARIANTS,
+                   help="mdlm: masked diffusion; fuji: tokens and latent jointly; seq: latent, then tokens; "
+                        "ar: autoregressive (the evaluator of generative perplexity)")
+    p.add_argument("--data", default=d.data, metavar="DATA",
+                   help="sawtooth (synthetic), text:PATH (a UTF-8 text file) or lm1b (from the Hugging Face hub)")
+    int_arg(p, "--max-steps", required=True, help="optimiser steps of the whole run (raise it to resume further)")
+    p.add_argument("--out", required=True, metavar="PATH",
+                   help="the checkpoint to write; the resume file is <out>.resume.pt")
     g = p.add_argument_group("model")
     g.add_argument("--preset", default="small", choices=sorted(PRESETS),
                    help="named model size (training/config.py); the flags below override its fields")
     int_arg(g, "--width", help="model width (default: the preset's)")
     int_arg(g, "--depth", help="denoiser blocks (default: the preset's)")
     int_arg(g, "--heads", help="attention heads; must divide --width (default: the preset's)")
-    int_arg(g, "--seq-len", default=128)
+    int_arg(g, "--seq-len", default=128, help="L, tokens per sequence")
     int_arg(g, "--n-latent", help="P latent slots (default: the preset's, else 4)")
     int_arg(g, "--latent-dim", help="D per latent slot (default: the preset's, else 8)")
-    g.add_argument("--mask-schedule", default="loglinear", choices=("linear", "loglinear"))
-    g.add_argument("--latent-schedule", default="sqrt", choices=("sqrt", "cosine"))
+    g.add_argument("--latent-layout", choices=LATENT_LAYOUTS,
+                   help="slots: learned slot queries read the whole text; chunks: slot i pools chunk i "
+                        "of L / P tokens (default: the preset's, else slots)")
+    g.add_argument("--mask-schedule", default="loglinear", choices=("linear", "loglinear"),
+                   help="masking schedule of the tokens")
+    g.add_argument("--latent-schedule", default="sqrt", choices=("sqrt", "cosine"),
+                   help="noise schedule of the latent (fuji, seq)")
     g.add_argument("--no-unit-norm", action="store_true", help="do not project latents to the sphere")
-    g.add_argument("--encoder-corruption", type=float, default=0.0,
+    g.add_argument("--encoder-corruption", type=float, default=0.0, metavar="P",
                    help="probability of masking encoder inputs where x_t is masked")
     g = p.add_argument_group("optimisation")
-    int_arg(g, "--batch-size", default=d.batch_size)
-    g.add_argument("--lr", type=float, default=d.lr)
-    int_arg(g, "--warmup", default=d.warmup)
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    g.add_argument("--ema", type=float, default=d.ema, help="EMA decay (0: off); EMA weights are saved")
-    g.add_argument("--grad-clip", type=float, default=d.grad_clip, help="0: off")
-    int_arg(g, "--seed", default=d.seed)
+    int_arg(g, "--batch-size", default=d.batch_size, help="sequences per training batch")
+    g.add_argument("--lr", type=float, default=d.lr, metavar="X", help="AdamW learning rate after --warmup")
+    int_arg(g, "--warmup", default=d.warmup, help="steps of linear learning-rate warmup")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay, metavar="X", help="AdamW weight decay")
+    g.add_argument("--ema", type=float, default=d.ema, metavar="X",
+                   help="EMA decay (0: off); EMA weights are saved")
+    g.add_argument("--grad-clip", type=float, default=d.grad_clip, metavar="X",
+                   help="gradient norm clipping (0: off)")
+    int_arg(g, "--seed", default=d.seed, help="seed of the initial weights and of every training draw")
     g = p.add_argument_group("losses")
-    g.add_argument("--stage1-frac", type=float, default=d.stage1_frac,
+    g.add_argument("--stage1-frac", type=float, default=d.stage1_frac, metavar="X",
                    help="fuji/seq: fraction of steps training encoder + token denoiser on L_x only")
-    g.add_argument("--lambda-y", type=float, default=d.lambda_y)
-    int_arg(g, "--lambda-y-warmup", default=d.lambda_y_warmup)
-    int_arg(g, "--lambda-y-delay", default=d.lambda_y_delay)
-    g.add_argument("--p-cfg", type=float, default=d.p_cfg, help="latent dropout probability")
-    g.add_argument("--token-weighting", default=d.token_weighting, choices=WEIGHTINGS)
-    g.add_argument("--latent-weighting", default=d.latent_weighting, choices=WEIGHTINGS)
+    g.add_argument("--lambda-y", type=float, default=d.lambda_y, metavar="X",
+                   help="fuji/seq: weight of the latent loss L_y")
+    int_arg(g, "--lambda-y-warmup", default=d.lambda_y_warmup,
+            help="steps of the linear ramp of lambda_y, from the start of stage 2")
+    int_arg(g, "--lambda-y-delay", default=d.lambda_y_delay, help="steps at lambda_y = 0 before its ramp")
+    g.add_argument("--p-cfg", type=float, default=d.p_cfg, metavar="P", help="latent dropout probability")
+    g.add_argument("--token-weighting", default=d.token_weighting, choices=WEIGHTINGS,
+                   help="weighting of the token loss over t")
+    g.add_argument("--latent-weighting", default=d.latent_weighting, choices=WEIGHTINGS,
+                   help="weighting of the latent loss over t")
     g = p.add_argument_group("data")
-    g.add_argument("--tokenizer", default=d.tokenizer, choices=TOKENIZER_CHOICES)
-    int_arg(g, "--text-vocab", default=d.text_vocab, help="bpe vocabulary size")
+    g.add_argument("--tokenizer", default=d.tokenizer, choices=TOKENIZER_CHOICES,
+                   help="text data: bpe (trained on the corpus) or bert (bert-base-uncased WordPiece)")
+    int_arg(g, "--text-vocab", default=d.text_vocab, help="text data, bpe: vocabulary size")
     g = p.add_argument_group("run")
-    int_arg(g, "--eval-every", default=d.eval_every)
-    int_arg(g, "--eval-batches", default=d.eval_batches)
+    int_arg(g, "--eval-every", default=d.eval_every,
+            help="steps between held-out evaluations; each rewrites the resume file")
+    int_arg(g, "--eval-batches", default=d.eval_batches, help="held-out batches per evaluation")
     int_arg(g, "--threads", default=0, help="torch CPU threads (0: torch's default)")
-    g.add_argument("--device", default=d.device, choices=("auto", "cpu", "cuda"))
-    g.add_argument("--resume", help="continue from a <out>.resume.pt")
-    g.add_argument("--max-model-gib", type=float, default=MAX_MODEL_GIB,
+    g.add_argument("--device", default=d.device, choices=("auto", "cpu", "cuda"),
+                   help="auto: cuda where torch sees a GPU, else cpu")
+    g.add_argument("--resume", metavar="PATH", help="continue from a <out>.resume.pt")
+    g.add_argument("--max-model-gib", type=float, default=MAX_MODEL_GIB, metavar="GIB",
                    help="refuse a model whose float32 weights are larger")
-    g.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
+    g.add_argument("--no-progress", action="store_true",
+                   help="no progress bar or progress lines, only the evaluation lines")
     return p
 
 
@@ -122,10 +155,11 @@ def run(args: argparse.Namespace) -> dict:
         raise ConfigError(f"--batch-size {args.batch_size} x --seq-len {args.seq_len} is "
                           f"{args.batch_size * args.seq_len:,} tokens a batch, above the limit of "
                           f"{MAX_BATCH_TOKENS:,}; lower --batch-size or --seq-len")
-    data = load_data(args.data, args.seq_len, args.tokenizer, args.text_vocab)
+    data = load_data_saying_so(args)
     sizes = dict(PRESETS[args.preset])
     sizes.update({k: v for k, v in (("width", args.width), ("depth", args.depth), ("heads", args.heads),
-                                     ("n_latent", args.n_latent), ("latent_dim", args.latent_dim)) if v is not None})
+                                     ("n_latent", args.n_latent), ("latent_dim", args.latent_dim),
+                                     ("latent_layout", args.latent_layout)) if v is not None})
     model_cfg = ModelConfig(
         variant=args.variant, vocab_size=data.vocab_size, seq_len=args.seq_len,
         mask_schedule=args.mask_schedule, latent_schedule=args.latent_schedule,
@@ -135,6 +169,21 @@ def run(args: argparse.Namespace) -> dict:
     losses = ", ".join(f"{k} {v:.4f}" for k, v in info["final_losses"].items())
     print(f"wrote {args.out}: {info['steps']} steps, {info['wall_time_s']:.0f} s, {losses}")
     return info
+
+
+def load_data_saying_so(args: argparse.Namespace):
+    """load_data, with a line before and after for text, whose reading, tokenizer training and
+    tokenizing take seconds to minutes before the first training step."""
+    if not (args.data == "lm1b" or args.data.startswith("text:")):  # sawtooth, or a name load_data refuses
+        return load_data(args.data, args.seq_len, args.tokenizer, args.text_vocab)
+    tokenizer = (f"training a {args.text_vocab}-token BPE tokenizer on it" if args.tokenizer == "bpe"
+                 else "loading the bert-base-uncased tokenizer")
+    print(f"reading {args.data}, {tokenizer}, tokenizing it ...", flush=True)
+    started = time.time()
+    data = load_data(args.data, args.seq_len, args.tokenizer, args.text_vocab)
+    print(f"{args.data}: {len(data.train_stream):,} training tokens, {data.heldout_blocks.numel():,} held out, "
+          f"vocabulary {data.vocab_size} ({time.time() - started:.0f} s)", flush=True)
+    return data
 
 
 def check_model_size(model_cfg: ModelConfig, max_gib: float) -> None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, asdict
 VARIANTS = ("mdlm", "fuji", "seq", "ar")
 MASK_SCHEDULES = ("linear", "loglinear")
 LATENT_SCHEDULES = ("sqrt", "cosine")
+LATENT_LAYOUTS = ("slots", "chunks")  # how the encoder's P slots relate to the tokens (model.Encoder)
 
 
 class ConfigError(ValueError):
@@ -37,6 +38,7 @@ class ModelConfig:
     latent_schedule: str = "sqrt"
     latent_eps: float = 1e-4     # sqrt: alpha_bar^2 = (1 - 2e) sqrt(1 - t) + e
     unit_norm_latent: bool = True
+    latent_layout: str = "slots"
     encoder_input_corruption: float = 0.0  # prob. of masking encoder inputs where x_t is masked
 
     def __post_init__(self):
@@ -52,6 +54,10 @@ class ModelConfig:
              f"mask_schedule must be one of {MASK_SCHEDULES}, got {self.mask_schedule!r}"),
             (self.latent_schedule in LATENT_SCHEDULES,
              f"latent_schedule must be one of {LATENT_SCHEDULES}, got {self.latent_schedule!r}"),
+            (self.latent_layout in LATENT_LAYOUTS,
+             f"latent_layout must be one of {LATENT_LAYOUTS}, got {self.latent_layout!r}"),
+            (self.latent_layout != "chunks" or self.seq_len % self.n_latent == 0,
+             f"latent_layout 'chunks' needs seq_len ({self.seq_len}) divisible by n_latent ({self.n_latent})"),
             (self.vocab_size >= 2, f"vocab_size must be >= 2, got {self.vocab_size}"),
             (0.0 < self.mask_eps < 1.0 and 0.0 < self.latent_eps < 0.5,
              f"mask_eps must be in (0, 1) and latent_eps in (0, 0.5), got {self.mask_eps}, {self.latent_eps}"),
@@ -89,14 +95,16 @@ class ModelConfig:
         return cls(**d)
 
 
-# Named size presets (lddm-train --preset; --width, --depth, --heads, --n-latent and
-# --latent-dim override single fields). "tiny" is for tests, "small" for the shipped sawtooth
-# examples, "text" for the shipped text examples (sized for about 30-40 minutes of one CPU
-# core; examples/README.md), "base" the ~100M-parameter GPU benchmark configuration.
+# Named size presets (lddm-train --preset; --width, --depth, --heads, --n-latent,
+# --latent-dim and --latent-layout override single fields). "tiny" is for tests, "small" for
+# the shipped sawtooth examples, "text" for the shipped text examples (sized for about 30-40
+# minutes of one CPU core; chunk-pooled latents, because learned slot queries collapsed to a
+# constant latent on text: examples/README.md), "base" the ~100M-parameter GPU benchmark
+# configuration.
 PRESETS: dict[str, dict] = {
     "tiny": dict(width=32, depth=1, heads=2, encoder_depth=1, latent_depth=1, cond_dim=32),
     "small": dict(width=64, depth=2, heads=4, encoder_depth=1, latent_depth=1, cond_dim=32),
     "text": dict(width=128, depth=4, heads=4, encoder_depth=2, latent_depth=2, cond_dim=64,
-                 n_latent=8, latent_dim=16),
+                 n_latent=16, latent_dim=16, latent_layout="chunks"),
     "base": dict(width=768, depth=12, heads=12, encoder_depth=4, latent_depth=4, cond_dim=128),
 }

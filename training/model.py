@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from runtimes.spec import GRAPHS_BY_VARIANT as GRAPH_NAMES
 from training.config import ModelConfig
 
 MASK_LOGIT_PENALTY = -1e4  # SUBS: the mask token's logit; finite so FP16 and log-softmax stay finite
@@ -40,16 +41,17 @@ def modulate(x, shift, scale):
 
 
 class Rotary(nn.Module):
-    """Rotary position embedding over a fixed number of positions (L, or L + P for joint streams).
+    """Rotary position embedding over fixed positions: 0..L-1 for one stream, and for joint
+    streams the tokens' 0..L-1 followed by the latent slots' positions (joint_positions).
 
     cos/sin are buffers rather than computed per call, so the exported graph holds them as
     constants and B stays the only dynamic axis.
     """
 
-    def __init__(self, head_dim: int, n_positions: int, base: float = 10000.0):
+    def __init__(self, head_dim: int, positions: torch.Tensor, base: float = 10000.0):
         super().__init__()
         inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2).float() / head_dim)
-        angles = torch.arange(n_positions).float()[:, None] * inv_freq[None]  # (N, hd/2)
+        angles = positions.float()[:, None] * inv_freq[None]  # (N, hd/2)
         self.register_buffer("cos", angles.cos()[None, None], persistent=False)  # (1, 1, N, hd/2)
         self.register_buffer("sin", angles.sin()[None, None], persistent=False)
 
@@ -156,11 +158,11 @@ def subs_log_probs(logits: torch.Tensor, mask_id: int) -> torch.Tensor:
 class Backbone(nn.Module):
     """Time embedding + a stack of joint blocks over n streams sharing one rotary table."""
 
-    def __init__(self, cfg: ModelConfig, depth: int, n_streams: int, n_positions: int,
+    def __init__(self, cfg: ModelConfig, depth: int, n_streams: int, positions: torch.Tensor,
                  causal: bool = False):
         super().__init__()
         self.t_embed = TimestepEmbedder(cfg.cond_dim)
-        self.rotary = Rotary(cfg.width // cfg.heads, n_positions)
+        self.rotary = Rotary(cfg.width // cfg.heads, positions)
         self.blocks = nn.ModuleList(
             JointBlock(n_streams, cfg.width, cfg.heads, cfg.cond_dim, cfg.mlp_ratio, causal)
             for _ in range(depth))
@@ -179,7 +181,7 @@ class TokenDenoiser(nn.Module):
         super().__init__()
         self.mask_id = cfg.mask_id
         self.embed = nn.Embedding(cfg.total_vocab, cfg.width)
-        self.backbone = Backbone(cfg, cfg.depth, 1, cfg.seq_len, causal)
+        self.backbone = Backbone(cfg, cfg.depth, 1, torch.arange(cfg.seq_len), causal)
         self.head = FinalLayer(cfg.width, cfg.cond_dim, cfg.total_vocab)
 
     def forward(self, x_t, t):  # (B, L) int64, (B,) -> (B, L, V)
@@ -199,7 +201,7 @@ class JointDenoiser(nn.Module):
         self.mask_id = cfg.mask_id
         self.embed = nn.Embedding(cfg.total_vocab, cfg.width)
         self.latent_in = nn.Linear(cfg.latent_dim, cfg.width)
-        self.backbone = Backbone(cfg, cfg.depth, 2, cfg.seq_len + cfg.n_latent)
+        self.backbone = Backbone(cfg, cfg.depth, 2, joint_positions(cfg))
         self.token_head = FinalLayer(cfg.width, cfg.cond_dim, cfg.total_vocab)
         self.latent_head = FinalLayer(cfg.width, cfg.cond_dim, cfg.latent_dim) if latent_head else None
 
@@ -216,7 +218,7 @@ class LatentDenoiser(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.latent_in = nn.Linear(cfg.latent_dim, cfg.width)
-        self.backbone = Backbone(cfg, cfg.latent_depth, 1, cfg.n_latent)
+        self.backbone = Backbone(cfg, cfg.latent_depth, 1, torch.arange(cfg.n_latent))
         self.head = FinalLayer(cfg.width, cfg.cond_dim, cfg.latent_dim)
 
     def forward(self, y_t, t):  # (B, P, D), (B,) -> (B, P, D)
@@ -225,31 +227,57 @@ class LatentDenoiser(nn.Module):
 
 
 class Encoder(nn.Module):
-    """Tokens -> P latent slots of dimension D.
+    """Tokens -> P latent slots of dimension D, in one of two layouts (cfg.latent_layout).
 
-    A two-stream DiT: the tokens, and P learned slot queries that read them through joint
-    attention. With unit_norm_latent each slot is projected onto the sphere of radius
-    sqrt(D) (unit RMS per coordinate, the scale of the N(0, I) prior), which stops the
-    encoder from inflating the latent until it survives the noise at every t.
+    "slots": a two-stream DiT over the tokens and P learned slot queries that read them
+    through joint attention; each slot may summarise any part of the sequence.
+    "chunks": a one-stream DiT over the tokens whose outputs are averaged over P contiguous
+    chunks of L / P tokens (LADD's adaptive_chunk_mean pooling); slot i describes chunk i,
+    and the denoisers place it at that chunk's centre (joint_positions).
+
+    With unit_norm_latent each slot is projected onto the sphere of radius sqrt(D) (unit RMS
+    per coordinate, the scale of the N(0, I) prior), which stops the encoder from inflating
+    the latent until it survives the noise at every t.
     """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.unit_norm = cfg.unit_norm_latent
+        self.chunks = cfg.latent_layout == "chunks"
+        self.n_latent = cfg.n_latent
         self.embed = nn.Embedding(cfg.total_vocab, cfg.width)
-        self.slots = nn.Parameter(0.02 * torch.randn(1, cfg.n_latent, cfg.width))
-        self.backbone = Backbone(cfg, cfg.encoder_depth, 2, cfg.seq_len + cfg.n_latent)
+        if self.chunks:
+            self.backbone = Backbone(cfg, cfg.encoder_depth, 1, torch.arange(cfg.seq_len))
+        else:
+            self.slots = nn.Parameter(0.02 * torch.randn(1, cfg.n_latent, cfg.width))
+            self.backbone = Backbone(cfg, cfg.encoder_depth, 2, torch.arange(cfg.seq_len + cfg.n_latent))
         self.norm = LayerNorm32(cfg.width)
         self.out = nn.Linear(cfg.width, cfg.latent_dim)
 
     def forward(self, tokens):  # (B, L) -> (B, P, D)
-        B = tokens.shape[0]
+        B, L = tokens.shape
         t = torch.zeros(B, device=tokens.device)  # unconditioned: the adaLN biases are learned
-        (_, h), _ = self.backbone([self.embed(tokens), self.slots.expand(B, -1, -1)], t)
+        if self.chunks:
+            (h,), _ = self.backbone([self.embed(tokens)], t)
+            h = h.view(B, self.n_latent, L // self.n_latent, -1).mean(dim=2)  # (B, P, W)
+        else:
+            (_, h), _ = self.backbone([self.embed(tokens), self.slots.expand(B, -1, -1)], t)
         y = self.out(self.norm(h)).float()  # (B, P, D)
         if self.unit_norm:
             y = y * (y.shape[-1] ** 0.5) / y.norm(dim=-1, keepdim=True).clamp_min(1e-6)
         return y
+
+
+def joint_positions(cfg: ModelConfig) -> torch.Tensor:
+    """Rotary positions of a joint (tokens, latent) stream: tokens at 0..L-1; latent slots after
+    them ("slots") or each at the centre of the chunk it describes ("chunks")."""
+    tokens = torch.arange(cfg.seq_len, dtype=torch.float32)
+    if cfg.latent_layout == "chunks":
+        chunk = cfg.seq_len // cfg.n_latent
+        latent = torch.arange(cfg.n_latent, dtype=torch.float32) * chunk + (chunk - 1) / 2
+    else:
+        latent = cfg.seq_len + torch.arange(cfg.n_latent, dtype=torch.float32)
+    return torch.cat([tokens, latent])
 
 
 # ----------------------------------------------------------------------------- the container
@@ -324,12 +352,16 @@ class MdlmDenoiserGraph(nn.Module):
         return self.denoiser(x_t, t)
 
 
-GRAPHS_BY_VARIANT: dict[str, dict[str, type[nn.Module]]] = {
-    "mdlm": {"denoiser": MdlmDenoiserGraph},
-    "fuji": {"encoder": EncoderGraph, "denoiser": FujiDenoiserGraph},
-    "seq": {"encoder": EncoderGraph, "latent_denoiser": LatentDenoiserGraph,
-            "token_denoiser": TokenDenoiserGraph},
+# The torch wrapper of each exported graph; which graphs a variant has, and in what order,
+# is runtimes.spec's table.
+_WRAPPERS: dict[tuple[str, str], type[nn.Module]] = {
+    ("mdlm", "denoiser"): MdlmDenoiserGraph,
+    ("fuji", "encoder"): EncoderGraph, ("fuji", "denoiser"): FujiDenoiserGraph,
+    ("seq", "encoder"): EncoderGraph, ("seq", "latent_denoiser"): LatentDenoiserGraph,
+    ("seq", "token_denoiser"): TokenDenoiserGraph,
 }
+GRAPHS_BY_VARIANT: dict[str, dict[str, type[nn.Module]]] = {
+    variant: {graph: _WRAPPERS[variant, graph] for graph in graphs} for variant, graphs in GRAPH_NAMES.items()}
 
 
 def graph_modules(model: LDDM) -> dict[str, nn.Module]:
