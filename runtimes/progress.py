@@ -27,6 +27,7 @@ import time
 from contextlib import contextmanager
 from typing import Iterator, TextIO
 
+
 class PlainLines:
     """The bar's interface as plain lines: one at each further tenth of the total, one at the end."""
 
