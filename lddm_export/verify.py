@@ -9,7 +9,7 @@ checkpoint must be the one the bundle was built from (sha256).
    runtimes/tolerances.py (FP32: max relative error; FP16: relative L2 of the softmax and KL).
 2. Trajectory: the runtime sampler on the backend and on the torch reference, fed the same
    noise, stepped in lockstep: token agreement and latent error per step. The torch runtime
-   reproduces training/sampling.py token for token (tests/test_runtime.py), so this is the
+   reproduces training/sampling.py token for token (tests/runtimes/test_runtime.py), so this is the
    comparison with the reference sampler. Gated for FP32 (>= 99.9% of tokens); reported for
    FP16, where a categorical draw that lands within rounding of a CDF boundary flips and
    the two trajectories legitimately part: FP16 is gated on levels 1 and 3.

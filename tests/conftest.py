@@ -1,7 +1,10 @@
-"""Suite-wide test configuration: the gpu and trt markers skip themselves where absent."""
+"""Suite-wide test configuration: the gpu and trt markers skip themselves where absent, two
+threads per test, and the on-disk cache of tiny bundles. The helpers themselves are in
+fixtures.py (this directory is on sys.path, so every package's tests import them)."""
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,3 +30,10 @@ def _two_threads():
     """Keep every test on the machine's two cores (and deterministic across runs)."""
     torch.set_num_threads(2)
     yield
+
+
+@pytest.fixture(scope="session")
+def bundle_cache(request, tmp_path_factory) -> Path:
+    """Where tiny bundles are kept: pytest's cache when enabled (reused across runs)."""
+    cache = getattr(request.config, "cache", None)
+    return cache.mkdir("lddm-runtime-bundles") if cache is not None else tmp_path_factory.mktemp("bundles")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from bundle_fixture import bundle_cache, cached_tiny_bundle  # noqa: F401  (bundle_cache is a fixture)
+from fixtures import cached_tiny_bundle
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -8,7 +8,7 @@ Latent (variance preserving): y_t = alpha_bar(t) y0 + sigma_bar(t) eps, alpha_ba
     cosine: alpha_bar^2 = (1 - 2e) cos^2(pi t / 2) + e
 
 The runtime (runtimes/schedules.py) reimplements these few lines from the names and
-constants in the manifest; tests/test_schedules.py checks that both agree.
+constants in the manifest; tests/runtimes/test_schedules.py checks that both agree.
 """
 from __future__ import annotations
 

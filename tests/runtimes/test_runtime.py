@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from bundle_fixture import bundle_cache, built_example_bundle, cached_tiny_bundle, copy_bundle  # noqa: F401
+from fixtures import built_example_bundle, cached_tiny_bundle, copy_bundle
 from runtimes.backends import make_runners
 from runtimes.bundle import Bundle
 from runtimes.compare import compare_outputs
@@ -33,7 +33,7 @@ from training.checkpoint import load_checkpoint, load_reference_graphs
 VARIANTS = ("mdlm", "fuji", "seq")
 B, T_X, T_Y = 16, 6, 4
 TOKEN_AGREEMENT = 0.999
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 SWD_SAMPLES, SWD_BATCH, SWD_STEPS, SWD_MARGIN = 1000, 50, 4, 0.05
 LATENT_ATOL = 1e-3  # max abs error of y0_hat per step (values are O(1)), ORT FP32 vs torch
 
@@ -78,7 +78,7 @@ def latent_steps(bundle):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_noise_matches_the_reference_draws(variant):
-    from bundle_fixture import tiny_config
+    from fixtures import tiny_config
     cfg = tiny_config(variant)
     noise = draw_noise(7, 3, 5, cfg.seq_len, (cfg.n_latent, cfg.latent_dim) if cfg.has_latent else None)
     draws = sampling.make_draws(7, 3, cfg, 5)
@@ -326,7 +326,7 @@ def test_torch_backend_finds_the_checkpoint_or_refuses(bundle_cache, tmp_path): 
     with make_runners(bundle, "torch", ckpt=moved, reference=load_reference_graphs)["denoiser"] as runner:  # --ckpt finds it again
         assert runner.is_active
     other = tmp_path / "other.pt"
-    from bundle_fixture import tiny_checkpoint
+    from fixtures import tiny_checkpoint
     tiny_checkpoint(other, "mdlm", seed=1)
     with pytest.raises(BundleError, match="sha256 differs"):
         make_runners(bundle, "torch", ckpt=other, reference=load_reference_graphs)["denoiser"].activate()
@@ -397,7 +397,7 @@ def test_text_decoder_matches_the_training_decoder():
 def _gpu_check_module():
     import importlib.util
     from pathlib import Path
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.py"
     spec = importlib.util.spec_from_file_location("gpu_check", path)
     gpu_check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_check)
@@ -407,7 +407,7 @@ def _gpu_check_module():
 def test_gpu_check_renders_the_recorded_gpu_report():
     """The GPU runs' reports (RESULTS.md quotes them) render as tables."""
     from pathlib import Path
-    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    results = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
     for name in ("gpu_check_h100.json", "gpu_check_h100_run1.json"):
         table = _gpu_check_module().markdown(json.loads((results / name).read_text()))
         assert "| mdlm | 105.0 | 1 | compiled |" in table and "errors: 0" in table

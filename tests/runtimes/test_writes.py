@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from bundle_fixture import bundle_cache, cached_tiny_bundle  # noqa: F401
+from fixtures import cached_tiny_bundle
 from lddm_export.cli import main as export_main
 from lddm_export.commands.sample import write_samples
 from lddm_export.manifest import write_manifest

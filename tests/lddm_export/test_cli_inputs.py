@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bundle_fixture import bundle_cache, cached_tiny_bundle, tiny_checkpoint  # noqa: F401
+from fixtures import cached_tiny_bundle, tiny_checkpoint
 from lddm_export.cli import main as export_main
 from runtimes.options import MAX_NOISE_BYTES, OptionError, check_int, check_job, parse_int_list
 from training import trainer

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from bundle_fixture import tiny_checkpoint
+from fixtures import tiny_checkpoint
 from lddm_export import commit
 from lddm_export.build import build_bundle, parse_options
 from lddm_export.cli import main
 from runtimes.bundle import Bundle, sha256_file
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FAST = ["--engines", "off", "--precision", "fp32", "--no-calibrate"]
 
 

@@ -5,7 +5,7 @@ its CPU provider (marker gpu: where onnxruntime-gpu and a CUDA GPU exist).
 The doubles only record calls and answer with what the code must handle (None, False, a
 provider list, a failing capture). They never stand in for an engine's numerics: the "plan"
 they build is a placeholder no test reads, and parity is tested only on real engines and
-sessions (tests/test_tensorrt.py, the gpu test below).
+sessions (tests/runtimes/test_tensorrt.py, the gpu test below).
 """
 from __future__ import annotations
 

@@ -33,7 +33,7 @@ import pytest
 
 from runtimes.backends.trt_runner import TRT_DTYPES
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SOURCES = ("lddm_export/engines.py", "runtimes/backends/trt_runner.py", "runtimes/cuda_util.py")
 # 10.3: JetPack 6 (Jetson Orin); 11.0: the first release without weak typing; 11.4: the newest here.
 WHEELS = ("10.3.0", "11.0.0.114", "11.4.0.106")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from bundle_fixture import bundle_cache, cached_tiny_bundle, copy_bundle, tiny_checkpoint  # noqa: F401
+from fixtures import cached_tiny_bundle, copy_bundle, tiny_checkpoint
 from lddm_export.cli import main
 from training import sampling
 from training.checkpoint import load_checkpoint

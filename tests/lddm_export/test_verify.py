@@ -12,7 +12,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from bundle_fixture import tiny_checkpoint, tiny_config
+from fixtures import tiny_checkpoint, tiny_config
 from lddm_export.build import build_bundle, parse_options
 from lddm_export.manifest import read_manifest, write_manifest
 from lddm_export.verify import VerifyOptions, verify_bundle

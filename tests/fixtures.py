@@ -1,6 +1,11 @@
-"""Tiny bundles for the runtime tests, in the runtimes/bundle.py format.
+"""The test suite's fixtures, for every package's tests: tiny models, checkpoints and bundles.
 
-`tiny_checkpoint` saves a tiny model of a variant with random (non-trivial) weights: the
+Tiny models and their exported graphs (the export tests): `random_model` draws every weight at
+random (not the zero-initialised adaLN and heads of a fresh model, whose outputs would be
+uniform and could not expose an export error); `exported` exports each graph once per process;
+`session` and `parity_runs` run them against torch.
+
+Tiny bundles (the runtime tests), in the runtimes/bundle.py format: `tiny_checkpoint` saves a tiny model of a variant with random (non-trivial) weights: the
 zero-initialised adaLN and heads of a fresh model would make every output uniform, and a
 parity test on uniform outputs could not fail. `build_tiny_bundle` builds that checkpoint's
 FP32 bundle exactly as `lddm-export build --precision fp32 --engines off --no-calibrate` does.
@@ -10,21 +15,29 @@ and the sources of the network, the exporter and this file (a change to any rebu
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import shutil
 import tempfile
 from pathlib import Path
 
-import pytest
+import onnx
+import onnxruntime as ort
 import torch
 
-from runtimes.bundle import sha256_file
+from lddm_export.build import DEFAULT_OPSET
+from lddm_export.export import sample_inputs
+from runtimes.fileio import sha256_file
+from runtimes.spec import graph_specs
 from training.checkpoint import save_checkpoint
 from training.config import PRESETS, ModelConfig
-from training.model import LDDM
+from training.model import LDDM, graph_modules
 
 TINY = dict(seq_len=16, vocab_size=5, n_latent=2, latent_dim=4, **PRESETS["tiny"])
+OPSET = DEFAULT_OPSET
+BATCHES = (1, 3, 8)
+TIMES = (0.001, 0.5, 0.999)
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = [ROOT / "training" / "model.py", ROOT / "lddm_export" / "export.py", ROOT / "lddm_export" / "build.py",
            Path(__file__)]
@@ -94,13 +107,6 @@ def cached_tiny_bundle(cache_dir: Path, variant: str, seed: int = 0, text: bool 
     return root
 
 
-@pytest.fixture(scope="session")
-def bundle_cache(request, tmp_path_factory) -> Path:
-    """Where tiny bundles are kept: pytest's cache when enabled (reused across runs)."""
-    cache = getattr(request.config, "cache", None)
-    return cache.mkdir("lddm-runtime-bundles") if cache is not None else tmp_path_factory.mktemp("bundles")
-
-
 def _repoint_checkpoint(root: Path, ckpt: Path) -> None:
     """Record `ckpt` as the bundle's checkpoint path (the file itself is unchanged)."""
     path = root / "manifest.json"
@@ -127,7 +133,7 @@ def built_example_bundle(cache_dir: Path, ckpt: Path) -> Path:
     """
     from lddm_export.build import build_bundle, parse_options
 
-    exporter = Path(__file__).resolve().parents[1] / "lddm_export"
+    exporter = ROOT / "lddm_export"
     digest = hashlib.sha256(sha256_file(ckpt).encode())
     for name in EXPORT_SOURCES:
         digest.update((exporter / name).read_bytes())
@@ -138,3 +144,73 @@ def built_example_bundle(cache_dir: Path, ckpt: Path) -> Path:
             if stale != out and stale.is_dir():
                 shutil.rmtree(stale, ignore_errors=True)
     return out
+
+
+# ----------------------------------------------------------------------------- exported tiny graphs
+
+def random_model(variant: str, seed: int = 0, std: float = 0.2, **sizes) -> LDDM:
+    """A tiny model of `variant` (TINY, with `sizes` overriding its fields) with every parameter
+    drawn from N(0, std^2)."""
+    torch.manual_seed(seed)
+    model = LDDM(tiny_config(variant, **sizes)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, std)
+    return model
+
+
+@functools.lru_cache(maxsize=None)
+def exported(variant: str) -> dict:
+    """Export every graph of a random tiny `variant` model once per test process.
+
+    Returns:
+        graph name -> {"module": torch wrapper, "spec": GraphSpec, "fp32": ModelProto,
+        "fp16": ModelProto, "report": MixedPrecisionReport}.
+    """
+    from lddm_export.export import export_graph
+    from lddm_export.fp16 import to_mixed_fp16_with_report
+
+    model = random_model(variant)
+    cfg = model.cfg
+    specs = graph_specs(variant, cfg.seq_len, cfg.n_latent, cfg.latent_dim, cfg.total_vocab)
+    graphs = {}
+    for name, module in graph_modules(model).items():
+        fp32 = export_graph(module, specs[name], cfg.total_vocab, OPSET)
+        fp16, report = to_mixed_fp16_with_report(fp32)
+        graphs[name] = {"module": module, "spec": specs[name], "fp32": fp32, "fp16": fp16, "report": report}
+    return graphs
+
+
+def session(model: onnx.ModelProto) -> ort.InferenceSession:
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def parity_runs(module: torch.nn.Module, spec, vocab: int, seed: int = 1):
+    """Fresh random inputs at every batch in BATCHES and t in TIMES, with the torch outputs.
+
+    Yields:
+        (label, feed: input name -> numpy array, ref: output name -> numpy float32 array).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    for batch in BATCHES:
+        for t in TIMES:
+            args = list(sample_inputs(spec, batch, vocab, generator))
+            if "t" in spec.input_names:
+                args[spec.input_names.index("t")] = torch.full((batch,), t)
+            elif t != TIMES[0]:
+                continue  # the encoder has no t: one run per batch
+            with torch.no_grad():
+                out = module(*args)
+            out = out if isinstance(out, tuple) else (out,)
+            feed = {s.name: a.numpy() for s, a in zip(spec.inputs, args)}
+            ref = {s.name: o.numpy() for s, o in zip(spec.outputs, out)}
+            yield f"batch {batch}, t {t}", feed, ref
+
+
+def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element type of every tensor of a model (after shape inference)."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    g = inferred.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*g.input, *g.output, *g.value_info]}
+    types.update({t.name: t.data_type for t in g.initializer})
+    return types

@@ -6,7 +6,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest_export import exported, parity_runs, session, tensor_types
+from fixtures import exported, parity_runs, session, tensor_types
 from lddm_export.fp16 import fp16_out_of_range, to_mixed_fp16, to_mixed_fp16_with_report
 from runtimes.compare import compare_outputs
 from runtimes.errors import LddmError

@@ -16,7 +16,7 @@ EXPORTED_PAIRS = {(variant, graph) for variant, graphs in GRAPHS_BY_VARIANT.item
 def test_every_exported_graph_has_a_parity_test(precision, cases):
     untested = sorted(EXPORTED_PAIRS - set(cases))
     assert not untested, (f"no {precision} parity test for {untested}: add them to the "
-                          f"{precision.upper()}_PARITY_CASES list in tests/test_{'export' if precision == 'fp32' else 'fp16'}.py")
+                          f"{precision.upper()}_PARITY_CASES list in tests/lddm_export/test_{'export' if precision == 'fp32' else 'fp16'}.py")
     unknown = sorted(set(cases) - EXPORTED_PAIRS)
     assert not unknown, f"{precision} parity cases {unknown} name graphs that GRAPHS_BY_VARIANT does not export"
 

@@ -16,7 +16,7 @@ from runtimes.backends import make_runners
 from runtimes.bundle import Bundle
 from runtimes.errors import ToleranceExceeded
 from runtimes.samplers import Sampler
-from bundle_fixture import bundle_cache, cached_tiny_bundle  # noqa: F401  (fixture)
+from fixtures import cached_tiny_bundle
 
 STEPS, SEEDS, BATCH = 4, [0, 1], 3
 
@@ -115,7 +115,7 @@ def test_int8_qdq_graph_runs_and_stays_close(fuji):
 
 
 def test_build_records_calibrated_islands_and_keeps_them_fp32(tmp_path):
-    from bundle_fixture import tiny_checkpoint
+    from fixtures import tiny_checkpoint
     from lddm_export.build import build_bundle, parse_options
 
     ckpt = tiny_checkpoint(tmp_path / "model.pt", "mdlm")

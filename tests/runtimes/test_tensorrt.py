@@ -180,7 +180,7 @@ def test_the_engine_build_path_imports_neither_torch_nor_training():
             "bad = [m for m in ('torch', 'training', 'onnxruntime') if m in sys.modules]; "
             "assert not bad, bad")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parent.parent)
+                          cwd=Path(__file__).resolve().parents[2])
     assert done.returncode == 0, done.stderr
 
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from bundle_fixture import tiny_checkpoint
+from fixtures import tiny_checkpoint
 from lddm_export import build
 from lddm_export.cli import cli, main
 from lddm_export.commands.doctor import jetpack_release
@@ -142,7 +142,7 @@ def test_sigint_mid_build_leaves_the_previous_bundle(bundle, ckpt):
     process = subprocess.Popen(
         [sys.executable, "-m", "lddm_export.cli", "build", "--ckpt", str(ckpt), "--out", str(bundle),
          "--engines", "off", "--force"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        cwd=Path(__file__).resolve().parents[1], env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        cwd=Path(__file__).resolve().parents[2], env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         deadline = time.monotonic() + 120
         while not leftovers(bundle.parent, bundle.name):  # the temporary bundle exists: export has begun
@@ -259,7 +259,7 @@ def test_engines_for_a_bundle_import_neither_torch_nor_training(bundle):
             "try:\n    main(['build', '--bundle', sys.argv[1], '--engines', 'on'])\nexcept SystemExit as e:\n"
             "    print('exit', e.code, sorted(m for m in ('torch', 'training') if m in sys.modules))\n")
     result = subprocess.run([sys.executable, "-c", code, str(bundle)], capture_output=True, text=True, timeout=120,
-                            cwd=Path(__file__).resolve().parents[1])
+                            cwd=Path(__file__).resolve().parents[2])
     assert result.stdout.strip().splitlines()[-1] == "exit 1 []", result.stdout + result.stderr
     assert "import tensorrt" in result.stderr
     assert snapshot(bundle) == before and leftovers(bundle.parent, bundle.name) == []

@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from onnx.external_data_helper import set_external_data
 
-from bundle_fixture import bundle_cache, cached_tiny_bundle, copy_bundle  # noqa: F401  (fixture)
+from fixtures import cached_tiny_bundle, copy_bundle
 from lddm_export.cli import main
 from lddm_export.manifest import file_table, read_manifest, write_manifest
 from runtimes.bundle import MAX_BATCH, REQUIRED, sha256_file

@@ -24,7 +24,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bundle_fixture import tiny_checkpoint
+from fixtures import tiny_checkpoint
 from lddm_export.cli import main
 from training.checkpoint import CheckpointError, load_checkpoint
 from training.config import LATENT_LAYOUTS, LATENT_SCHEDULES, MASK_SCHEDULES, VARIANTS, ModelConfig

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bundle_fixture import tiny_checkpoint
+from fixtures import tiny_checkpoint
 from lddm_export.build import build_bundle, parse_options
 from runtimes.bundle import Bundle
 

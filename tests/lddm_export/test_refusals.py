@@ -13,14 +13,14 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bundle_fixture import tiny_checkpoint
+from fixtures import tiny_checkpoint
 from lddm_export.build import build_bundle, parse_options
 from lddm_export.cli import main
 from runtimes.bundle import Bundle, validate_manifest
 from runtimes.errors import BundleError, ShapeMismatch
 from runtimes.spec import graph_specs
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +140,7 @@ def test_every_readme_refusal_row_names_an_existing_test():
     table = readme.split("## Bad input", 1)[1].split("\n## ", 1)[0]
     rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| input")]
     assert len(rows) >= 20
-    defined = {f"{path.name}::{node.name}" for path in (ROOT / "tests").glob("test_*.py")
+    defined = {f"{path.name}::{node.name}" for path in (ROOT / "tests").rglob("test_*.py")
                for node in ast.parse(path.read_text()).body if isinstance(node, ast.FunctionDef)}
     for row in rows:
         named = re.findall(r"`(test_\w+\.py::test_\w+)`", row)

@@ -6,7 +6,7 @@ import onnx
 import pytest
 import torch
 
-from conftest_export import OPSET, exported, parity_runs, random_model, session
+from fixtures import OPSET, exported, parity_runs, random_model, session
 from lddm_export import export
 from runtimes.compare import compare_outputs, measure
 from runtimes.errors import LddmError, ShapeMismatch, ToleranceExceeded
