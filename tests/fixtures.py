@@ -56,6 +56,16 @@ def tiny_tokenizer_entry() -> dict:
     return tokenizer_entry(train_bpe_tokenizer([line for line in lines if line.strip()], 300), "bpe")
 
 
+def perturbed_model(variant: str, scale: float, seed: int = 0, **overrides) -> LDDM:
+    """A tiny `variant` model (eval mode) with N(0, scale^2) noise added to every weight."""
+    torch.manual_seed(seed)
+    model = LDDM(tiny_config(variant, **overrides))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return model.eval()
+
+
 def tiny_checkpoint(path: Path, variant: str, seed: int = 0, text: bool = False, **overrides) -> Path:
     """Save a tiny `variant` model with every weight perturbed by N(0, 0.1^2) noise.
 
@@ -64,11 +74,7 @@ def tiny_checkpoint(path: Path, variant: str, seed: int = 0, text: bool = False,
     tokenizer = tiny_tokenizer_entry() if text else None
     if tokenizer is not None:
         overrides = {**overrides, "vocab_size": tokenizer["vocab_size"]}
-    torch.manual_seed(seed)
-    model = LDDM(tiny_config(variant, **overrides))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
+    model = perturbed_model(variant, 0.1, seed, **overrides)
     save_checkpoint(path, model, tokenizer=tokenizer, train={"steps": 0, "note": "random test weights"})
     return path
 

@@ -6,8 +6,8 @@ import torch
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 
+from fixtures import perturbed_model
 from training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from training.config import PRESETS, ModelConfig
 from training.model import LDDM
 
 L, P, D = 16, 2, 4
@@ -18,14 +18,8 @@ TRAIN = {"steps": 3, "data": "sawtooth", "seed": 0, "final_losses": {"heldout_x"
 
 
 def tiny_model(variant: str) -> LDDM:
-    torch.manual_seed(0)
-    cfg = ModelConfig(variant=variant, seq_len=L, n_latent=P, latent_dim=D, **PRESETS["tiny"])
-    model = LDDM(cfg)
-    # adaLN-Zero heads start at zero; perturb every weight so the round trip compares real values.
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
+    # adaLN-Zero heads start at zero; perturbed weights make the round trip compare real values.
+    return perturbed_model(variant, 0.05, vocab_size=2, seq_len=L, n_latent=P, latent_dim=D)
 
 
 def outputs(model: LDDM) -> list[torch.Tensor]:

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.config import PRESETS, ModelConfig
+from fixtures import perturbed_model
 from training.model import LDDM
 from training.sampling import (ddim_step, make_draws, sample, sample_ar, sample_fuji, sample_mdlm,
                                sample_seq, time_grid, token_step)
@@ -15,14 +15,7 @@ L = 16
 
 def tiny_model(variant: str, vocab_size: int = 5) -> LDDM:
     """A tiny model whose zero-initialised heads are randomised, so its outputs depend on x, y, t."""
-    torch.manual_seed(0)
-    cfg = ModelConfig(variant=variant, vocab_size=vocab_size, seq_len=L, n_latent=2, latent_dim=4,
-                      **PRESETS["tiny"])
-    model = LDDM(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.3 * torch.randn_like(p))
-    return model.eval()
+    return perturbed_model(variant, 0.3, vocab_size=vocab_size, seq_len=L)
 
 
 @pytest.fixture(scope="module", params=["mdlm", "fuji", "seq"])

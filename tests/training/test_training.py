@@ -4,6 +4,7 @@ import dataclasses
 import pytest
 import torch
 
+import fixtures
 from training.checkpoint import CheckpointError, load_checkpoint
 from training.cli import main as cli_main
 from training.config import PRESETS, ConfigError, ModelConfig
@@ -19,8 +20,8 @@ L = 16
 
 
 def tiny_config(variant: str, vocab_size: int = 2) -> ModelConfig:
-    return ModelConfig(variant=variant, vocab_size=vocab_size, seq_len=L, n_latent=2, latent_dim=4,
-                       **PRESETS["tiny"])
+    """fixtures' tiny size with the sawtooth's two tokens."""
+    return fixtures.tiny_config(variant, vocab_size=vocab_size, seq_len=L)
 
 
 # ----------------------------------------------------------------------------- data
