@@ -196,10 +196,7 @@ def parity(examples: list[Path], work: Path, device: str, modes: list[str], step
         model, _ = load_checkpoint(ckpt)
         latent = latent_steps_for(bundle.variant, steps)
         noise = noise_for(bundle, 1, batch, steps)
-        draws = {"u": noise.u} if noise.y_init is None else {"u": noise.u, "y_init": noise.y_init}
-        reference = {"mdlm": lambda: sampling.sample_mdlm(model, draws, steps),
-                     "fuji": lambda: sampling.sample_fuji(model, draws, steps),
-                     "seq": lambda: sampling.sample_seq(model, draws, steps, latent)}[bundle.variant]()
+        reference = sampling.sample_draws(model, noise.as_draws(), steps, latent)
         row = {"example": ckpt.name, "batch": batch, "steps": steps}
         modules = CheckpointModules(bundle, load_reference_graphs)
         for mode in modes:

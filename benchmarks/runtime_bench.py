@@ -37,8 +37,9 @@ from lddm_export.bench import bench_bundle, format_table  # noqa: E402
 from lddm_export.manifest import sha256_file  # noqa: E402
 from runtimes.backends import make_runners  # noqa: E402
 from runtimes.bundle import Bundle  # noqa: E402
-from runtimes.noise import draw_noise  # noqa: E402
+from runtimes.noise import draw_noise, latent_shape  # noqa: E402
 from runtimes.samplers import GRAPHS, Sampler  # noqa: E402
+from runtimes.schedules import latent_steps_for  # noqa: E402
 from training.checkpoint import load_reference_graphs  # noqa: E402
 
 
@@ -104,9 +105,8 @@ def trajectory_parity(bundle: Bundle, precision: str, batch: int, steps: int, th
          "max_step_y0_hat_err" (max abs over steps; None for mdlm)}.
     """
     shapes = bundle.shapes
-    latent_shape = None if bundle.variant == "mdlm" else (shapes["P"], shapes["D"])
-    noise = draw_noise(0, batch, steps, shapes["L"], latent_shape)
-    latent_steps = steps if bundle.variant == "seq" else None
+    noise = draw_noise(0, batch, steps, shapes["L"], latent_shape(bundle.variant, shapes))
+    latent_steps = latent_steps_for(bundle.variant, steps)
     trajectories = []
     for backend, prec in (("torch", "fp32"), ("ort", precision)):
         runners = make_runners(bundle, backend, prec, "cpu", graphs=list(GRAPHS[bundle.variant]), threads=threads,

@@ -24,7 +24,7 @@ import torch
 from runtimes.backends import make_runners
 from runtimes.backends.torch_runner import checkpoint_path
 from runtimes.errors import LddmError
-from runtimes.noise import draw_noise
+from runtimes.noise import draw_noise, latent_shape
 from runtimes.options import check_job
 from runtimes.progress import progress
 from runtimes.samplers import GRAPHS, Sampler
@@ -70,9 +70,7 @@ class TimedRunner:
 def reference_sampler(bundle, ckpt, device: str, steps: int, latent_steps: int | None):
     """training/sampling.py's loop on the checkpoint's eager modules, as a function of the draws."""
     model = load_checkpoint(checkpoint_path(bundle, ckpt))[0].to(device)
-    return {"mdlm": lambda draws: sampling.sample_mdlm(model, draws, steps),
-            "fuji": lambda draws: sampling.sample_fuji(model, draws, steps),
-            "seq": lambda draws: sampling.sample_seq(model, draws, steps, latent_steps)}[bundle.variant]
+    return lambda draws: sampling.sample_draws(model, draws, steps, latent_steps)
 
 
 def sampler_overhead(bundle, runners: dict, noise, latent_steps: int | None, sync,
@@ -129,8 +127,8 @@ def bench_bundle(bundle, backend: str, precision: str, device: str, batches: lis
     with progress(len(batches) * calls_per_batch, f"bench {variant} ({backend} {precision})", unit="call",
                   enabled=show_progress) as bar:
         for batch in batches:
-            noise = draw_noise(0, batch, steps, shapes["L"], None if variant == "mdlm" else (shapes["P"], shapes["D"]))
-            draws = {"u": noise.u} if noise.y_init is None else {"u": noise.u, "y_init": noise.y_init}
+            noise = draw_noise(0, batch, steps, shapes["L"], latent_shape(variant, shapes))
+            draws = noise.as_draws()
 
             def run_runtime():
                 sampler.sample(noise, latent_steps)

@@ -38,6 +38,11 @@ class Noise:
     def token_steps(self) -> int:
         return int(self.u.shape[0])
 
+    def as_draws(self) -> dict:
+        """The same arrays as the reference sampler (training/sampling.py) takes them:
+        {"u"} for mdlm, {"y_init", "u"} for fuji and seq."""
+        return {"u": self.u} if self.y_init is None else {"y_init": self.y_init, "u": self.u}
+
     def to(self, device: str | torch.device) -> "Noise":
         """The same draws as torch tensors on `device`: one host-to-device copy per array."""
         u = torch.as_tensor(self.u).to(device)

@@ -57,7 +57,7 @@ def make_draws(seed: int, batch: int, cfg: ModelConfig, token_steps: int) -> dic
     check_int("token_steps", token_steps, 1, MAX_STEPS, ValueError)
     noise = draw_noise(seed, batch, token_steps, cfg.seq_len,
                        (cfg.n_latent, cfg.latent_dim) if cfg.has_latent else None)
-    return {"u": noise.u} if noise.y_init is None else {"y_init": noise.y_init, "u": noise.u}
+    return noise.as_draws()
 
 
 def _float64_scalar(fn, t: float) -> float:
@@ -293,6 +293,18 @@ def sample_ar(model: LDDM, seed: int, num: int, batch_size: int = 256) -> torch.
 
 # ----------------------------------------------------------------------------- convenience
 
+def sample_draws(model: LDDM, draws: dict[str, np.ndarray], steps: int, latent_steps: int | None = None,
+                 cache: bool = False, float64: bool = True) -> Samples:
+    """The variant's sampler on given draws: sample_mdlm (with `cache`), sample_fuji, or
+    sample_seq with latent_steps (default: steps)."""
+    variant = model.cfg.variant
+    if variant == "mdlm":
+        return sample_mdlm(model, draws, steps, cache=cache, float64=float64)
+    if variant == "fuji":
+        return sample_fuji(model, draws, steps, float64=float64)
+    return sample_seq(model, draws, steps, latent_steps_for(variant, steps, latent_steps), float64=float64)
+
+
 def sample(model: LDDM, seed: int, num: int, steps: int, latent_steps: int | None = None,
            batch_size: int = 256, cache: bool = False, float64: bool = True) -> Samples:
     """Draw `num` samples in batches of `batch_size`; batch b uses seed + b (the CLI convention).
@@ -322,12 +334,7 @@ def sample(model: LDDM, seed: int, num: int, steps: int, latent_steps: int | Non
     tokens, latents = [], []
     for b, start in enumerate(range(0, num, batch_size)):
         draws = make_draws(seed + b, min(batch_size, num - start), model.cfg, steps)
-        if variant == "mdlm":
-            out = sample_mdlm(model, draws, steps, cache=cache, float64=float64)
-        elif variant == "fuji":
-            out = sample_fuji(model, draws, steps, float64=float64)
-        else:
-            out = sample_seq(model, draws, steps, latent_steps_for(variant, steps, latent_steps), float64=float64)
+        out = sample_draws(model, draws, steps, latent_steps, cache, float64)
         tokens.append(out.tokens.cpu())
         if out.latent is not None:
             latents.append(out.latent.cpu())

@@ -20,17 +20,23 @@ FP32_PARITY_CASES = [("mdlm", "denoiser"), ("fuji", "encoder"), ("fuji", "denois
                      ("seq", "encoder"), ("seq", "latent_denoiser"), ("seq", "token_denoiser")]
 
 
+def assert_fp32_parity(name: str, fp32: onnx.ModelProto, module: torch.nn.Module, spec, vocab: int) -> int:
+    """The FP32 graph agrees with its torch module on every parity run; returns the run count."""
+    sess = session(fp32)
+    tolerances = graph_tolerances("fp32", spec.output_names)
+    runs = 0
+    for label, feed, ref in parity_runs(module, spec, vocab):
+        got = dict(zip(spec.output_names, sess.run(None, feed)))
+        reports = compare_outputs(f"{name} fp32 ({label})", got, ref, tolerances)
+        assert all(r.max_rel <= FP32_MAX_REL and r.nonfinite == 0 for r in reports.values())
+        runs += 1
+    return runs
+
+
 @pytest.mark.parametrize("variant,graph", FP32_PARITY_CASES)
 def test_fp32_graph_matches_torch(variant, graph):
     g = exported(variant)[graph]
-    sess = session(g["fp32"])
-    tolerances = graph_tolerances("fp32", g["spec"].output_names)
-    runs = 0
-    for label, feed, ref in parity_runs(g["module"], g["spec"], 6):
-        got = dict(zip(g["spec"].output_names, sess.run(None, feed)))
-        reports = compare_outputs(f"{variant}/{graph} fp32 ({label})", got, ref, tolerances)
-        assert all(r.max_rel <= FP32_MAX_REL and r.nonfinite == 0 for r in reports.values())
-        runs += 1
+    runs = assert_fp32_parity(f"{variant}/{graph}", g["fp32"], g["module"], g["spec"], 6)
     assert runs == (3 if graph == "encoder" else 9)
 
 
@@ -42,12 +48,9 @@ def test_chunk_layout_graphs_match_torch(variant):
     cfg = model.cfg
     specs = graph_specs(variant, cfg.seq_len, cfg.n_latent, cfg.latent_dim, cfg.total_vocab)
     for name, module in graph_modules(model).items():
-        sess = session(export.export_graph(module, specs[name], cfg.total_vocab, OPSET))
-        tolerances = graph_tolerances("fp32", specs[name].output_names)
-        for label, feed, ref in parity_runs(module, specs[name], cfg.total_vocab):
-            got = dict(zip(specs[name].output_names, sess.run(None, feed)))
-            reports = compare_outputs(f"{variant}/{name} chunks fp32 ({label})", got, ref, tolerances)
-            assert all(r.max_rel <= FP32_MAX_REL and r.nonfinite == 0 for r in reports.values())
+        fp32 = export.export_graph(module, specs[name], cfg.total_vocab, OPSET)
+        runs = assert_fp32_parity(f"{variant}/{name} chunks", fp32, module, specs[name], cfg.total_vocab)
+        assert runs == (3 if name == "encoder" else 9)
 
 
 @pytest.mark.parametrize("variant,graph", FP32_PARITY_CASES)
