@@ -196,7 +196,7 @@ def parity(examples: list[Path], work: Path, device: str, modes: list[str], step
         model, _ = load_checkpoint(ckpt)
         latent = latent_steps_for(bundle.variant, steps)
         noise = noise_for(bundle, 1, batch, steps)
-        reference = sampling.sample_draws(model, noise.as_draws(), steps, latent)
+        reference = sampling.sample_call(model, noise, latent)
         row = {"example": ckpt.name, "batch": batch, "steps": steps}
         modules = CheckpointModules(bundle, load_reference_graphs)
         for mode in modes:

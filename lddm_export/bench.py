@@ -5,7 +5,7 @@ Called by `lddm-export bench` and benchmarks/runtime_bench.py.
 For each batch size B, one sampling call of T_x token steps (plus T_y latent steps for seq)
 is timed on the runtime (the backend's runners inside runtimes.samplers) and on the reference
 sampler of training/sampling.py with the checkpoint's eager torch modules, both fed the same
-draws. Each side gets one warm-up call, then the two are called alternately `repeat` times
+noise. Each side gets one warm-up call, then the two are called alternately `repeat` times
 (so both see the same machine load) and the medians are reported:
     ms/step   = call time / (T_x + T_y)
     samples/s = B / call time
@@ -67,10 +67,10 @@ class TimedRunner:
         return out
 
 
-def reference_sampler(bundle, ckpt, device: str, steps: int, latent_steps: int | None):
-    """training/sampling.py's loop on the checkpoint's eager modules, as a function of the draws."""
+def reference_sampler(bundle, ckpt, device: str, latent_steps: int | None):
+    """training/sampling.py's loop on the checkpoint's eager modules, as a function of the noise."""
     model = load_checkpoint(checkpoint_path(bundle, ckpt))[0].to(device)
-    return lambda draws: sampling.sample_draws(model, draws, steps, latent_steps)
+    return lambda noise: sampling.sample_call(model, noise, latent_steps)
 
 
 def sampler_overhead(bundle, runners: dict, noise, latent_steps: int | None, sync,
@@ -120,7 +120,7 @@ def bench_bundle(bundle, backend: str, precision: str, device: str, batches: lis
     for runner in runners.values():
         runner.activate()
     sampler = Sampler.from_bundle(bundle, runners, compile=compile)
-    reference = reference_sampler(bundle, ckpt, device, steps, latent_steps)
+    reference = reference_sampler(bundle, ckpt, device, latent_steps)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     calls_per_batch = 2 * (1 + repeat) + 1  # warm-ups, timed pairs, the instrumented call
     rows = []
@@ -128,14 +128,13 @@ def bench_bundle(bundle, backend: str, precision: str, device: str, batches: lis
                   enabled=show_progress) as bar:
         for batch in batches:
             noise = draw_noise(0, batch, steps, shapes["L"], latent_shape(variant, shapes))
-            draws = noise.as_draws()
 
             def run_runtime():
                 sampler.sample(noise, latent_steps)
                 sync()
 
             def run_reference():
-                reference(draws)
+                reference(noise)
                 sync()
 
             t_runtime, t_reference = paired_median_seconds(run_runtime, run_reference, repeat,

@@ -234,8 +234,8 @@ def _samples(bundle: Bundle, ckpt: Path, backend: str, precision: str, options: 
     latent_steps = latent_steps_for(bundle.variant, options.steps, options.latent_steps)
     batches = -(-options.distribution_samples // options.batch_size)
     with progress(batches * (options.steps + (latent_steps or 0)), f"verify: sampling ({backend} {precision})") as bar:
-        return sample_batches(sampler, options.seed, options.distribution_samples, options.batch_size,
-                              options.steps, latent_steps, callback=lambda b, step: bar.update(1)).tokens
+        return sample_batches(sampler, options.seed, options.distribution_samples, options.steps, latent_steps,
+                              options.batch_size, callback=lambda b, step: bar.update(1)).tokens
 
 
 def load_evaluator(bundle: Bundle, path: str | Path | None):

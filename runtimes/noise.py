@@ -7,8 +7,8 @@ two backends can be compared token by token:
 1. `y_init = rng.standard_normal((B, P, D)).astype(np.float32)`   (fuji and seq only)
 2. `u = rng.random((T_x, B, L))`  float64 uniforms, one per token per token step.
 
-Nothing else is random: the latent update is deterministic DDIM (eta = 0). The reference
-sampler (training/sampling.py) draws its noise through draw_noise too.
+Nothing else is random: the latent update is deterministic DDIM (eta = 0). Both samplers take
+a Noise: the reference (training/sampling.py) draws its own through draw_noise too.
 """
 from __future__ import annotations
 
@@ -37,11 +37,6 @@ class Noise:
     @property
     def token_steps(self) -> int:
         return int(self.u.shape[0])
-
-    def as_draws(self) -> dict:
-        """The same arrays as the reference sampler (training/sampling.py) takes them:
-        {"u"} for mdlm, {"y_init", "u"} for fuji and seq."""
-        return {"u": self.u} if self.y_init is None else {"y_init": self.y_init, "u": self.u}
 
     def to(self, device: str | torch.device) -> "Noise":
         """The same draws as torch tensors on `device`: one host-to-device copy per array."""

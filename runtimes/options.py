@@ -32,34 +32,34 @@ def _describe(low: int) -> str:
     return {0: "a non-negative integer", 1: "a positive integer"}.get(low, f"an integer >= {low}")
 
 
-def check_int(name: str, value, low: int, high: int, error: type[Exception] = OptionError) -> int:
+def check_int(name: str, value, low: int, high: int) -> int:
     """`value` (an int or its text) as an int in [low, high].
 
     Args:
         name: the option as the user typed it ("--steps"), or the argument's name;
             value: the int (numpy's included) or the text given.
         low, high: the stated range, inclusive.
-        error: the exception class to raise (training.sampling raises ValueError, as Python
-            APIs do; argparse must not see one, it would replace the message with its own).
     Returns:
         the integer.
     Raises:
-        error: "--steps must be a positive integer, got 0; pass an integer from 1 to 100000"
-            (or "... is above the limit of ...", "must be an integer, got 'x'").
+        OptionError: "--steps must be a positive integer, got 0; pass an integer from 1 to 100000"
+            (or "... is above the limit of ...", "must be an integer, got 'x'"), from the CLIs
+            and the Python sampling API (training.sampling) alike. Not a ValueError: argparse
+            would replace a ValueError's message with its own.
     """
     fix = f"pass an integer from {low} to {high}"
     if isinstance(value, str):
         try:
             value = int(value.strip(), 10)
         except ValueError:
-            raise error(f"{name} must be an integer, got {value!r}; {fix}") from None
+            raise OptionError(f"{name} must be an integer, got {value!r}; {fix}") from None
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise error(f"{name} must be an integer, got {value!r}; {fix}")
+        raise OptionError(f"{name} must be an integer, got {value!r}; {fix}")
     value = int(value)
     if value < low:
-        raise error(f"{name} must be {_describe(low)}, got {value}; {fix}")
+        raise OptionError(f"{name} must be {_describe(low)}, got {value}; {fix}")
     if value > high:
-        raise error(f"{name} {value} is above the limit of {high}; {fix}")
+        raise OptionError(f"{name} {value} is above the limit of {high}; {fix}")
     return value
 
 

@@ -10,6 +10,9 @@ The arithmetic follows docs/contracts.md exactly (it is what training/sampling.p
   (`float64_draws=False` trades it for float32, see RESULTS.md for its effect);
 - latent step: DDIM with eta = 0; the final latent is the last y0_hat.
 
+The sampler speaks the reference sampler's dialect: it takes a Noise, reports every step as a
+runtimes.trajectory.Step to its callback, returns runtimes.trajectory.Samples and raises LddmErrors.
+
 Every tensor op runs on the runners' device: the noise is copied there once, up front, and no
 [B, L, V] tensor ever returns to the host, so on a GPU the loop only launches kernels.
 
@@ -22,54 +25,19 @@ Step-by-step use (progress bars, streaming):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 
 from runtimes.base import Runner
-from runtimes.errors import LddmError
+from runtimes.errors import LddmError, ShapeMismatch
 from runtimes.noise import Noise, draw_noise, latent_shape
 from runtimes.schedules import LatentSchedule, MaskSchedule, from_manifest, time_grid
 from runtimes.spec import GRAPHS_BY_VARIANT
+from runtimes.trajectory import Samples, Step
 
 # The graphs a sampling loop calls: every graph of the variant but the encoder.
 GRAPHS = {variant: tuple(g for g in graphs if g != "encoder") for variant, graphs in GRAPHS_BY_VARIANT.items()}
-
-
-@dataclass
-class Step:
-    """The state after one step of a chain, as Sampler.steps() yields it.
-
-    Attributes:
-        phase: "token" (an unmasking step) or "latent" (a SEQ latent-chain step).
-        index: 0-based step number within its chain; total: steps in that chain.
-        t, s: the step went from time t to time s < t.
-        x: tokens after the step, int64 [B, L] (all mask during the SEQ latent chain).
-        y: the running latent after the step, float32 [B, P, D] (SEQ token chain: the clean y0);
-            None for mdlm.
-        y0_hat: the network's latent estimate at this step, float32 [B, P, D]; None for mdlm and
-            for SEQ token steps.
-        network_called: False when MDLM caching reused the previous step's log_probs.
-    """
-
-    phase: str
-    index: int
-    total: int
-    t: float
-    s: float
-    x: torch.Tensor
-    y: torch.Tensor | None
-    y0_hat: torch.Tensor | None
-    network_called: bool = True
-
-
-@dataclass
-class SampleResult:
-    """tokens: int64 [B, L]; latent: float32 [B, P, D] (fuji: last y0_hat, seq: y0) or None."""
-
-    tokens: torch.Tensor
-    latent: torch.Tensor | None
 
 
 def token_step(x_t: torch.Tensor, log_probs: torch.Tensor, u: torch.Tensor, alpha_t: float,
@@ -176,14 +144,14 @@ class Sampler:
         if self.variant == "seq" and (latent_steps is None or latent_steps < 1):
             raise LddmError(f"seq sampling needs latent_steps >= 1, got {latent_steps}")
         if self.variant != "mdlm" and noise.y_init is None:
-            raise LddmError(f"{self.variant} sampling needs noise with y_init; draw it with latent_shape=(P, D)")
+            raise ShapeMismatch(f"{self.variant} sampling needs noise with y_init; draw it with latent_shape=(P, D)")
         L, P, D = self.shapes["L"], self.shapes["P"], self.shapes["D"]
         if noise.token_steps < 1 or tuple(noise.u.shape[1:]) != (noise.batch, L):
-            raise LddmError(f"noise u must have shape [T_x >= 1, B, L = {L}], got {list(noise.u.shape)}; "
-                            f"draw it with draw_noise(seed, B, T_x, {L}, ...)")
+            raise ShapeMismatch(f"noise u must have shape [T_x >= 1, B, L = {L}], got {list(noise.u.shape)}; "
+                                f"draw it with draw_noise(seed, B, T_x, {L}, ...)")
         if noise.y_init is not None and self.variant != "mdlm" and tuple(noise.y_init.shape) != (noise.batch, P, D):
-            raise LddmError(f"noise y_init must have shape [B, P, D] = {[noise.batch, P, D]}, "
-                            f"got {list(noise.y_init.shape)}")
+            raise ShapeMismatch(f"noise y_init must have shape [B, P, D] = {[noise.batch, P, D]}, "
+                                f"got {list(noise.y_init.shape)}")
         noise = noise.to(self.device)
         if self.variant == "mdlm":
             return self._mdlm(noise)
@@ -192,21 +160,21 @@ class Sampler:
         return self._seq(noise, latent_steps)
 
     def sample(self, noise: Noise, latent_steps: int | None = None,
-               callback: Callable[[Step], None] | None = None) -> SampleResult:
+               callback: Callable[[Step], None] | None = None) -> Samples:
         """Run the loop to the end.
 
         Args:
             noise, latent_steps: as for steps().
             callback: called with every Step (progress, streaming), or None.
         Returns:
-            SampleResult: tokens int64 [B, L]; latent float32 [B, P, D] (fuji, seq) or None.
+            Samples: tokens int64 [B, L]; latent float32 [B, P, D] (fuji, seq) or None.
         """
         last = None
         for last in self.steps(noise, latent_steps):
             if callback is not None:
                 callback(last)
         latent = last.y0_hat if self.variant == "fuji" else last.y
-        return SampleResult(last.x, latent)
+        return Samples(last.x, latent)
 
     # ----------------------------------------------------------------------------- the loops
 
@@ -279,27 +247,27 @@ class Sampler:
             yield Step("token", k, T_x, grid[k], grid[k + 1], x, y0, None)
 
 
-def sample_batches(sampler: Sampler, seed: int, num: int, batch_size: int, token_steps: int,
-                   latent_steps: int | None = None,
-                   callback: Callable[[int, Step], None] | None = None) -> SampleResult:
+def sample_batches(sampler: Sampler, seed: int, num: int, steps: int, latent_steps: int | None = None,
+                   batch_size: int = 256, callback: Callable[[int, Step], None] | None = None) -> Samples:
     """Draw `num` samples in batches; batch b uses seed + b (docs/contracts.md, the CLI convention).
 
     Args:
         sampler: a Sampler whose runners are active.
         seed: the seed of batch 0.
-        num: K, the number of samples; batch_size: B, samples per call (the last may be smaller).
-        token_steps: T_x; latent_steps: T_y (seq only).
+        num: K, the number of samples.
+        steps: T_x, token steps; latent_steps: T_y (seq only).
+        batch_size: B, samples per call (the last may be smaller).
         callback: called as callback(b, step) after every step of batch b (progress bars).
     Returns:
-        SampleResult on the CPU: tokens int64 [K, L]; latent float32 [K, P, D] or None.
+        Samples on the CPU: tokens int64 [K, L]; latent float32 [K, P, D] or None.
     """
     shapes = sampler.shapes
     tokens, latents = [], []
     for b, start in enumerate(range(0, num, batch_size)):
-        noise = draw_noise(seed + b, min(batch_size, num - start), token_steps, shapes["L"],
+        noise = draw_noise(seed + b, min(batch_size, num - start), steps, shapes["L"],
                            latent_shape(sampler.variant, shapes))
         result = sampler.sample(noise, latent_steps, None if callback is None else lambda step: callback(b, step))
         tokens.append(result.tokens.cpu())
         if result.latent is not None:
             latents.append(result.latent.cpu())
-    return SampleResult(torch.cat(tokens), torch.cat(latents) if latents else None)
+    return Samples(torch.cat(tokens), torch.cat(latents) if latents else None)

@@ -11,10 +11,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("runtimes", "training", "calibration", "lddm_export")
 # What training may take from runtimes: the contract both samplers share (schedules and the time
-# grid, the noise protocol, the graph table, errors, the tokenizer entry) and the small pure
-# utilities that make every tool behave alike (integer options, the one atomic write, progress).
-TRAINING_FROM_RUNTIMES = ("runtimes.errors", "runtimes.schedules", "runtimes.noise", "runtimes.spec",
-                          "runtimes.tokenizer", "runtimes.options", "runtimes.fileio", "runtimes.progress")
+# grid, the noise protocol, steps and samples, the graph table, errors, the tokenizer entry) and the
+# small pure utilities that make every tool behave alike (integer options, the one atomic write,
+# progress).
+TRAINING_FROM_RUNTIMES = ("runtimes.errors", "runtimes.schedules", "runtimes.noise", "runtimes.trajectory",
+                          "runtimes.spec", "runtimes.tokenizer", "runtimes.options", "runtimes.fileio",
+                          "runtimes.progress")
 MAY_IMPORT = {
     "runtimes": ("runtimes",),
     "training": ("training",) + TRAINING_FROM_RUNTIMES,

@@ -3,46 +3,38 @@
 Everything here follows docs/contracts.md exactly:
 - time grid t_k = 1 - k / T, k = 0..T (runtimes.schedules.time_grid); step k goes from t = t_k
   to s = t_{k+1}; the network sees t as float32 [B]; schedule scalars are Python floats (float64);
-- noise protocol: all randomness is drawn up front by `make_draws` from
+- noise protocol: all randomness is drawn up front by `make_noise` from
   numpy.random.default_rng(seed): first y_init (fuji, seq), then the token-step uniforms u
   (through runtimes.noise.draw_noise, the protocol's one implementation);
 - token step: the MDLM bridge with float64 categorical draws and SUBS carry-over;
 - latent step: DDIM (eta = 0); the returned latent is the last y0_hat (final noise removal).
 
-The samplers take the model and the draws (DiT's `p_sample_loop(model, shape, noise)`), so a
-parity test feeds the same draws to the runtime sampler and compares token by token.
+The samplers take the model and the noise (DiT's `p_sample_loop(model, shape, noise)`), so a
+parity test feeds the same Noise to the runtime sampler and compares token by token. They speak
+the runtime sampler's dialect (runtimes/samplers.py): a runtimes.noise.Noise in, a
+runtimes.trajectory.Step to the callback after every step, runtimes.trajectory.Samples out,
+and LddmErrors for bad input (runtimes.errors: OptionError for an integer out of its range,
+ShapeMismatch for noise that does not fit the model, LddmError for a wrong variant or option).
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import numpy as np
 import torch
 
-from runtimes.noise import draw_noise
+from runtimes.errors import LddmError, ShapeMismatch
+from runtimes.noise import Noise, draw_noise
 from runtimes.options import MAX_BATCH, MAX_SAMPLES, MAX_STEPS, check_int
 from runtimes.schedules import latent_steps_for, time_grid
+from runtimes.trajectory import Samples, Step
 from training.config import ModelConfig
 from training.model import LDDM
 from training.schedules import latent_schedule, mask_schedule
 
-StepCallback = Callable[[int, torch.Tensor], None]
-
-
-class Samples(NamedTuple):
-    """What a sampler returns.
-
-    tokens: int64 [B, L], no mask token left.
-    latent: float32 [B, P, D], the clean latent (fuji, seq); None for mdlm.
-    """
-
-    tokens: torch.Tensor
-    latent: torch.Tensor | None
-
-
 # ----------------------------------------------------------------------------- noise and grid
 
-def make_draws(seed: int, batch: int, cfg: ModelConfig, token_steps: int) -> dict[str, np.ndarray]:
+def make_noise(seed: int, batch: int, cfg: ModelConfig, token_steps: int) -> Noise:
     """All the randomness of one sampling call, in the contract's fixed order.
 
     Args:
@@ -51,13 +43,15 @@ def make_draws(seed: int, batch: int, cfg: ModelConfig, token_steps: int) -> dic
         cfg: the model config (L, P, D and whether the variant has a latent).
         token_steps: T_x, the number of token steps.
     Returns:
-        {"y_init": float32 [B, P, D] (fuji, seq only), "u": float64 [T_x, B, L]}.
+        Noise with u float64 [T_x, B, L] and y_init float32 [B, P, D] (fuji, seq; None for
+        mdlm), numpy arrays.
+    Raises:
+        OptionError: batch or token_steps is not an integer in its range.
     """
-    check_int("batch", batch, 1, MAX_BATCH, ValueError)
-    check_int("token_steps", token_steps, 1, MAX_STEPS, ValueError)
-    noise = draw_noise(seed, batch, token_steps, cfg.seq_len,
-                       (cfg.n_latent, cfg.latent_dim) if cfg.has_latent else None)
-    return noise.as_draws()
+    check_int("batch", batch, 1, MAX_BATCH)
+    check_int("token_steps", token_steps, 1, MAX_STEPS)
+    return draw_noise(seed, batch, token_steps, cfg.seq_len,
+                      (cfg.n_latent, cfg.latent_dim) if cfg.has_latent else None)
 
 
 def _float64_scalar(fn, t: float) -> float:
@@ -112,31 +106,28 @@ def ddim_step(y_t: torch.Tensor, y0_hat: torch.Tensor, a_t: float, sig_t: float,
 # ----------------------------------------------------------------------------- chains
 
 class _Chain:
-    """The shared bookkeeping of one sampling call: device, schedules and the draws as tensors."""
+    """The shared bookkeeping of one sampling call: device, schedules and the noise as tensors."""
 
-    def __init__(self, model: LDDM, draws: dict[str, np.ndarray], token_steps: int, float64: bool):
+    def __init__(self, model: LDDM, noise: Noise, float64: bool):
         cfg = model.cfg
-        check_int("token_steps", token_steps, 1, MAX_STEPS, ValueError)
-        u = draws.get("u")
-        if u is None or u.ndim != 3 or u.shape[0] != token_steps or u.shape[2] != cfg.seq_len:
-            got = None if u is None else tuple(u.shape)
-            raise ValueError(f"draws['u'] must have shape (token_steps={token_steps}, B, L={cfg.seq_len}), "
-                             f"got {got}; build the draws with make_draws(seed, B, cfg, {token_steps})")
+        u, L = noise.u, cfg.seq_len
+        if u.ndim != 3 or u.shape[0] < 1 or u.shape[2] != L:
+            raise ShapeMismatch(f"noise.u must have shape [T_x >= 1, B, L = {L}], got {list(u.shape)}; "
+                                f"draw the noise with make_noise(seed, B, cfg, T_x)")
         self.cfg, self.float64 = cfg, float64
         self.device = next(model.parameters()).device
-        self.batch = u.shape[1]
-        self.u = torch.from_numpy(u).to(self.device)  # (T_x, B, L) float64
+        self.batch, self.token_steps = noise.batch, noise.token_steps
         self.mask_alpha = mask_schedule(cfg).alpha
         self.latent_sched = latent_schedule(cfg)
-        self.y_init = None
         if cfg.has_latent:
-            y_init = draws.get("y_init")
-            want = (self.batch, cfg.n_latent, cfg.latent_dim)
-            if y_init is None or tuple(y_init.shape) != want:
-                got = None if y_init is None else tuple(y_init.shape)
-                raise ValueError(f"draws['y_init'] must have shape {want}, got {got}; "
-                                 f"build the draws with make_draws for this model's config")
-            self.y_init = torch.from_numpy(np.ascontiguousarray(y_init, dtype=np.float32)).to(self.device)
+            want = [self.batch, cfg.n_latent, cfg.latent_dim]
+            if noise.y_init is None or list(noise.y_init.shape) != want:
+                got = None if noise.y_init is None else list(noise.y_init.shape)
+                raise ShapeMismatch(f"noise.y_init must have shape [B, P, D] = {want}, got {got}; "
+                                    f"draw the noise with make_noise(seed, B, cfg, T_x) for this model's config")
+        noise = noise.to(self.device)
+        self.u = noise.u  # (T_x, B, L) float64
+        self.y_init = noise.y_init.float() if cfg.has_latent else None
 
     def all_masked(self) -> torch.Tensor:
         return torch.full((self.batch, self.cfg.seq_len), self.cfg.mask_id, dtype=torch.long, device=self.device)
@@ -157,104 +148,113 @@ class _Chain:
 
 def _require_variant(model: LDDM, variant: str) -> None:
     if model.cfg.variant != variant:
-        raise ValueError(f"sample_{variant} needs a {variant!r} model, got variant {model.cfg.variant!r}; "
-                         f"use sample_{model.cfg.variant} or sample()")
+        raise LddmError(f"sample_{variant} needs a {variant!r} model, got variant {model.cfg.variant!r}; "
+                        f"use sample_{model.cfg.variant} or sample()")
 
 
 @torch.no_grad()
-def sample_mdlm(model: LDDM, draws: dict[str, np.ndarray], steps: int, cache: bool = False,
-                float64: bool = True, on_step: StepCallback | None = None) -> Samples:
+def sample_mdlm(model: LDDM, noise: Noise, cache: bool = False, float64: bool = True,
+                callback: Callable[[Step], None] | None = None) -> Samples:
     """MDLM: start all masked, T token steps of the denoiser.
 
     Args:
         model: an "mdlm" LDDM (put in eval mode here).
-        draws: from make_draws(seed, B, cfg, steps).
-        steps: T.
+        noise: from make_noise(seed, B, cfg, T); T = noise.token_steps.
         cache: reuse the previous log_probs when x did not change in the previous step
             (MDLM's caching; the network is then not called).
         float64: float64 categorical draws (False: float32, faster, see the SWD benchmark).
-        on_step: called as on_step(k, x_s) after every token step (for instrumentation).
+        callback: called with a Step after every token step (y and y0_hat None; network_called
+            False where the cache was used), or None.
     Returns:
         Samples(tokens int64 [B, L], latent None).
     """
     _require_variant(model, "mdlm")
     model.eval()
-    chain = _Chain(model, draws, steps, float64)
-    grid = time_grid(steps)
+    chain = _Chain(model, noise, float64)
+    T = chain.token_steps
+    grid = time_grid(T)
     x = chain.all_masked()
     x_prev, log_probs = None, None
-    for k in range(steps):
+    for k in range(T):
         t, s = grid[k], grid[k + 1]
-        if not (cache and x_prev is not None and torch.equal(x, x_prev)):
+        called = not (cache and x_prev is not None and torch.equal(x, x_prev))
+        if called:
             log_probs = model.denoiser(x, chain.t_tensor(t))
         x_prev = x
         x = chain.token_update(k, x, log_probs, t, s)
-        if on_step is not None:
-            on_step(k, x)
+        if callback is not None:
+            callback(Step("token", k, T, t, s, x, None, None, called))
     return Samples(x, None)
 
 
 @torch.no_grad()
-def sample_fuji(model: LDDM, draws: dict[str, np.ndarray], steps: int, float64: bool = True,
-                on_step: StepCallback | None = None) -> Samples:
+def sample_fuji(model: LDDM, noise: Noise, float64: bool = True,
+                callback: Callable[[Step], None] | None = None) -> Samples:
     """FUJI: tokens and latent denoised jointly, one network call per step on one time grid.
 
     Args:
         model: a "fuji" LDDM.
-        draws: from make_draws(seed, B, cfg, steps) (holds y_init and u).
-        steps: T (token and latent steps alike).
-        float64, on_step: as in sample_mdlm.
+        noise: from make_noise(seed, B, cfg, T) (holds y_init and u); T = noise.token_steps,
+            token and latent steps alike.
+        float64: as in sample_mdlm.
+        callback: called with a Step after every step (y after the DDIM update, y0_hat), or None.
     Returns:
         Samples(tokens int64 [B, L], latent float32 [B, P, D] = the last y0_hat).
     """
     _require_variant(model, "fuji")
     model.eval()
-    chain = _Chain(model, draws, steps, float64)
-    grid = time_grid(steps)
+    chain = _Chain(model, noise, float64)
+    T = chain.token_steps
+    grid = time_grid(T)
     x, y = chain.all_masked(), chain.y_init
     y0_hat = None
-    for k in range(steps):
+    for k in range(T):
         t, s = grid[k], grid[k + 1]
         log_probs, y0_hat = model.denoiser(x, y, chain.t_tensor(t))
         x = chain.token_update(k, x, log_probs, t, s)
         y = chain.latent_update(y, y0_hat, t, s)
-        if on_step is not None:
-            on_step(k, x)
+        if callback is not None:
+            callback(Step("token", k, T, t, s, x, y, y0_hat))
     return Samples(x, y0_hat)
 
 
 @torch.no_grad()
-def sample_seq(model: LDDM, draws: dict[str, np.ndarray], token_steps: int, latent_steps: int,
-               float64: bool = True, on_step: StepCallback | None = None) -> Samples:
+def sample_seq(model: LDDM, noise: Noise, latent_steps: int, float64: bool = True,
+               callback: Callable[[Step], None] | None = None) -> Samples:
     """SEQ: a latent chain of T_y DDIM steps, then a token chain of T_x steps on the clean latent.
 
     Args:
         model: a "seq" LDDM.
-        draws: from make_draws(seed, B, cfg, token_steps).
-        token_steps: T_x; latent_steps: T_y (each on its own grid t_k = 1 - k / T).
-        float64, on_step: as in sample_mdlm (on_step sees the token chain only).
+        noise: from make_noise(seed, B, cfg, T_x); T_x = noise.token_steps.
+        latent_steps: T_y (each chain on its own grid t_k = 1 - k / T).
+        float64: as in sample_mdlm.
+        callback: called with a Step after every step: the T_y latent steps first (phase
+            "latent", x all masked, y after the DDIM update, y0_hat), then the T_x token steps
+            (y the clean y0, y0_hat None); or None.
     Returns:
         Samples(tokens int64 [B, L], latent float32 [B, P, D] = the latent chain's last y0_hat).
     """
     _require_variant(model, "seq")
-    check_int("latent_steps", latent_steps, 1, MAX_STEPS, ValueError)
+    check_int("latent_steps", latent_steps, 1, MAX_STEPS)
     model.eval()
-    chain = _Chain(model, draws, token_steps, float64)
-    y = chain.y_init
+    chain = _Chain(model, noise, float64)
+    x, y = chain.all_masked(), chain.y_init
     grid = time_grid(latent_steps)
     y0 = None
-    for k in range(latent_steps):
-        t, s = grid[k], grid[k + 1]
+    for j in range(latent_steps):
+        t, s = grid[j], grid[j + 1]
         y0 = model.latent_denoiser(y, chain.t_tensor(t))
         y = chain.latent_update(y, y0, t, s)
-    grid = time_grid(token_steps)
-    x = chain.all_masked()
-    for k in range(token_steps):
+        if callback is not None:
+            callback(Step("latent", j, latent_steps, t, s, x, y, y0))
+    T_x = chain.token_steps
+    grid = time_grid(T_x)
+    for k in range(T_x):
         t, s = grid[k], grid[k + 1]
         log_probs, _ = model.token_denoiser(x, y0, chain.t_tensor(t))
         x = chain.token_update(k, x, log_probs, t, s)
-        if on_step is not None:
-            on_step(k, x)
+        if callback is not None:
+            callback(Step("token", k, T_x, t, s, x, y0, None))
     return Samples(x, y0)
 
 
@@ -270,9 +270,9 @@ def sample_ar(model: LDDM, seed: int, num: int, batch_size: int = 256) -> torch.
         int64 [num, L] on the CPU, in the data vocabulary (the mask id is never drawn).
     """
     if model.cfg.variant != "ar":
-        raise ValueError(f"sample_ar needs an 'ar' model, got variant {model.cfg.variant!r}")
-    check_int("num", num, 1, MAX_SAMPLES, ValueError)
-    check_int("batch_size", batch_size, 1, MAX_BATCH, ValueError)
+        raise LddmError(f"sample_ar needs an 'ar' model, got variant {model.cfg.variant!r}")
+    check_int("num", num, 1, MAX_SAMPLES)
+    check_int("batch_size", batch_size, 1, MAX_BATCH)
     model.eval()
     cfg, device = model.cfg, next(model.parameters()).device
     out = []
@@ -293,21 +293,37 @@ def sample_ar(model: LDDM, seed: int, num: int, batch_size: int = 256) -> torch.
 
 # ----------------------------------------------------------------------------- convenience
 
-def sample_draws(model: LDDM, draws: dict[str, np.ndarray], steps: int, latent_steps: int | None = None,
-                 cache: bool = False, float64: bool = True) -> Samples:
-    """The variant's sampler on given draws: sample_mdlm (with `cache`), sample_fuji, or
-    sample_seq with latent_steps (default: steps)."""
+def sample_call(model: LDDM, noise: Noise, latent_steps: int | None = None, cache: bool = False,
+                float64: bool = True, callback: Callable[[Step], None] | None = None) -> Samples:
+    """One sampling call of the model's variant on given noise, as the runtime's
+    Sampler.sample(noise, latent_steps, callback): sample_mdlm (with `cache`), sample_fuji, or
+    sample_seq with latent_steps (default: noise.token_steps).
+
+    Raises:
+        LddmError: the model is not mdlm, fuji or seq; latent_steps given for a model other than
+            seq, or cache for one other than mdlm.
+    """
     variant = model.cfg.variant
+    if variant not in ("mdlm", "fuji", "seq"):
+        raise LddmError(f"variant {variant!r} is not a diffusion model; sample() and sample_call() take "
+                        f"mdlm, fuji or seq (sample_ar samples an 'ar' model)")
+    if latent_steps is not None and variant != "seq":
+        raise LddmError(f"latent_steps applies to seq models only; this model is {variant!r}, leave it unset")
+    if cache and variant != "mdlm":
+        raise LddmError(f"cache applies to mdlm models only; this model is {variant!r}, leave it off")
     if variant == "mdlm":
-        return sample_mdlm(model, draws, steps, cache=cache, float64=float64)
+        return sample_mdlm(model, noise, cache=cache, float64=float64, callback=callback)
     if variant == "fuji":
-        return sample_fuji(model, draws, steps, float64=float64)
-    return sample_seq(model, draws, steps, latent_steps_for(variant, steps, latent_steps), float64=float64)
+        return sample_fuji(model, noise, float64=float64, callback=callback)
+    return sample_seq(model, noise, latent_steps_for(variant, noise.token_steps, latent_steps),
+                      float64=float64, callback=callback)
 
 
 def sample(model: LDDM, seed: int, num: int, steps: int, latent_steps: int | None = None,
-           batch_size: int = 256, cache: bool = False, float64: bool = True) -> Samples:
-    """Draw `num` samples in batches of `batch_size`; batch b uses seed + b (the CLI convention).
+           batch_size: int = 256, cache: bool = False, float64: bool = True,
+           callback: Callable[[int, Step], None] | None = None) -> Samples:
+    """Draw `num` samples in batches of `batch_size`; batch b uses seed + b (the CLI convention),
+    as the runtime's sample_batches(sampler, seed, num, steps, latent_steps, batch_size, callback).
 
     Args:
         model: an mdlm, fuji or seq LDDM.
@@ -318,23 +334,21 @@ def sample(model: LDDM, seed: int, num: int, steps: int, latent_steps: int | Non
         batch_size: samples per batch.
         cache: mdlm only, see sample_mdlm.
         float64: see sample_mdlm.
+        callback: called as callback(b, step) after every step of batch b (progress bars).
     Returns:
         Samples(tokens int64 [num, L] on the CPU, latent float32 [num, P, D] on the CPU or None).
+    Raises:
+        OptionError: num, steps, batch_size or latent_steps is not an integer in its range.
+        LddmError: as sample_call.
     """
-    variant = model.cfg.variant
-    if variant not in ("mdlm", "fuji", "seq"):
-        raise ValueError(f"variant {variant!r} is not a diffusion model; sample() takes mdlm, fuji or seq")
-    check_int("num", num, 1, MAX_SAMPLES, ValueError)
-    check_int("steps", steps, 1, MAX_STEPS, ValueError)
-    check_int("batch_size", batch_size, 1, MAX_BATCH, ValueError)
-    if latent_steps is not None and variant != "seq":
-        raise ValueError(f"latent_steps applies to seq models only; this model is {variant!r}, leave it unset")
-    if cache and variant != "mdlm":
-        raise ValueError(f"cache applies to mdlm models only; this model is {variant!r}, leave it off")
+    check_int("num", num, 1, MAX_SAMPLES)
+    check_int("steps", steps, 1, MAX_STEPS)
+    check_int("batch_size", batch_size, 1, MAX_BATCH)
     tokens, latents = [], []
     for b, start in enumerate(range(0, num, batch_size)):
-        draws = make_draws(seed + b, min(batch_size, num - start), model.cfg, steps)
-        out = sample_draws(model, draws, steps, latent_steps, cache, float64)
+        noise = make_noise(seed + b, min(batch_size, num - start), model.cfg, steps)
+        out = sample_call(model, noise, latent_steps, cache, float64,
+                          None if callback is None else lambda step: callback(b, step))
         tokens.append(out.tokens.cpu())
         if out.latent is not None:
             latents.append(out.latent.cpu())

@@ -100,7 +100,7 @@ def command(bundle_dir, backend, precision, device, steps, latent_steps, num, ba
     sampler = Sampler.from_bundle(bundle, runners, float64_draws=not float32_draws, cache=cache, compile=compile_)
     n_batches = -(-num // batch_size)
     with progress(n_batches * (steps + (latent_steps or 0)), f"sample {bundle.variant} ({backend})") as bar:
-        result = sample_batches(sampler, seed, num, batch_size, steps, latent_steps,
+        result = sample_batches(sampler, seed, num, steps, latent_steps, batch_size,
                                 callback=lambda b, step: bar.update(1))
     for runner in runners.values():
         runner.deactivate()

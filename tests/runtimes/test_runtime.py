@@ -62,12 +62,8 @@ def reference_model(path: str):
 
 def reference(bundle, seed, batch=B, steps=T_X, **options):
     model = reference_model(bundle.manifest["checkpoint"]["path"])
-    draws = sampling.make_draws(seed, batch, model.cfg, steps)
-    if bundle.variant == "mdlm":
-        return sampling.sample_mdlm(model, draws, steps, **options)
-    if bundle.variant == "fuji":
-        return sampling.sample_fuji(model, draws, steps, **options)
-    return sampling.sample_seq(model, draws, steps, T_Y, **options)
+    return sampling.sample_call(model, sampling.make_noise(seed, batch, model.cfg, steps), latent_steps(bundle),
+                                **options)
 
 
 def latent_steps(bundle):
@@ -77,18 +73,18 @@ def latent_steps(bundle):
 # ----------------------------------------------------------------------------- contract pieces
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_noise_matches_the_reference_draws(variant):
+def test_noise_matches_the_reference_noise(variant):
     from fixtures import tiny_config
     cfg = tiny_config(variant)
     noise = draw_noise(7, 3, 5, cfg.seq_len, (cfg.n_latent, cfg.latent_dim) if cfg.has_latent else None)
-    draws = sampling.make_draws(7, 3, cfg, 5)
+    ref = sampling.make_noise(7, 3, cfg, 5)
     assert noise.u.dtype == np.float64 and noise.u.shape == (5, 3, cfg.seq_len)
-    np.testing.assert_array_equal(noise.u, draws["u"])
+    np.testing.assert_array_equal(noise.u, ref.u)
     if cfg.has_latent:
         assert noise.y_init.dtype == np.float32
-        np.testing.assert_array_equal(noise.y_init, draws["y_init"])
+        np.testing.assert_array_equal(noise.y_init, ref.y_init)
     else:
-        assert noise.y_init is None and "y_init" not in draws
+        assert noise.y_init is None and ref.y_init is None
 
 
 @pytest.mark.parametrize("kind,eps", [("linear", 0.0), ("loglinear", 1e-3)])
@@ -160,6 +156,20 @@ def test_torch_backend_reproduces_the_reference_token_for_token(bundle):
             assert torch.equal(ours.latent, ref.latent)
 
 
+def test_reference_steps_are_the_runtime_steps(bundle):
+    """The reference's callback sees every step of every chain with the runtime's fields, bit for bit."""
+    ours = list(active_sampler(bundle, "torch").steps(noise_for(bundle, 4), latent_steps(bundle)))
+    ref = []
+    reference(bundle, 4, callback=ref.append)
+    assert len(ref) == len(ours)
+    for a, b in zip(ours, ref):
+        assert (a.phase, a.index, a.total, a.t, a.s, a.network_called) == (b.phase, b.index, b.total, b.t, b.s,
+                                                                           b.network_called)
+        for name in ("x", "y", "y0_hat"):
+            got, want = getattr(b, name), getattr(a, name)
+            assert (got is None and want is None) or torch.equal(got, want), f"{a.phase} step {a.index}: {name}"
+
+
 def test_float32_draws_match_the_reference_float32_option(bundle):
     ours = active_sampler(bundle, "torch", float64_draws=False).sample(noise_for(bundle, 3), latent_steps(bundle))
     assert torch.equal(ours.tokens, reference(bundle, 3, float64=False).tokens)
@@ -198,7 +208,7 @@ def test_ort_fp32_trajectory_agrees_with_the_reference(bundle, record_property):
 
 def test_sample_batches_uses_seed_plus_b_like_the_reference(bundle):
     sampler = active_sampler(bundle, "ort")
-    ours = sample_batches(sampler, 4, num=10, batch_size=4, token_steps=T_X, latent_steps=latent_steps(bundle))
+    ours = sample_batches(sampler, 4, num=10, steps=T_X, latent_steps=latent_steps(bundle), batch_size=4)
     model = reference_model(bundle.manifest["checkpoint"]["path"])
     ref = sampling.sample(model, 4, 10, T_X, latent_steps(bundle), batch_size=4)
     assert ours.tokens.shape == (10, bundle.shapes["L"]) and ours.tokens.dtype == torch.int64
@@ -228,7 +238,7 @@ def test_fp16_samples_of_the_sawtooth_examples_are_within_5pct_swd_of_fp32(varia
 
     def draw(precision, seed):
         sampler = active_sampler(bundle, "ort", precision)
-        return sample_batches(sampler, seed, SWD_SAMPLES, SWD_BATCH, SWD_STEPS, T_y).tokens
+        return sample_batches(sampler, seed, SWD_SAMPLES, SWD_STEPS, T_y, SWD_BATCH).tokens
 
     fp32, fp16, fp32_other = draw("fp32", 0), draw("fp16", 0), draw("fp32", 10_000)
     L = bundle.shapes["L"]
@@ -271,11 +281,11 @@ def test_seq_without_latent_steps_and_noise_without_latent_are_refused(bundle_ca
     sampler = active_sampler(seq, "ort")
     with pytest.raises(LddmError, match="latent_steps"):
         sampler.steps(noise_for(seq, 0), None)
-    with pytest.raises(LddmError, match="y_init"):
+    with pytest.raises(ShapeMismatch, match="y_init"):
         sampler.steps(draw_noise(0, 2, 3, seq.shapes["L"]), 3)
-    with pytest.raises(LddmError, match="noise u must have shape"):
+    with pytest.raises(ShapeMismatch, match="noise u must have shape"):
         sampler.steps(draw_noise(0, 2, 3, seq.shapes["L"] + 1, (seq.shapes["P"], seq.shapes["D"])), 3)
-    with pytest.raises(LddmError, match="noise y_init must have shape"):
+    with pytest.raises(ShapeMismatch, match="noise y_init must have shape"):
         sampler.steps(draw_noise(0, 2, 3, seq.shapes["L"], (seq.shapes["P"] + 1, seq.shapes["D"])), 3)
     with pytest.raises(LddmError, match="mdlm sampler only"):
         Sampler.from_bundle(seq, sampler.runners, cache=True)

@@ -1,4 +1,4 @@
-"""Reference samplers: the noise protocol, the two updates, SUBS, determinism and errors."""
+"""Reference samplers: the noise protocol, the two updates, SUBS, determinism, step callbacks and errors."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,8 +6,12 @@ import pytest
 import torch
 
 from fixtures import perturbed_model
+from runtimes.errors import LddmError, ShapeMismatch
+from runtimes.noise import Noise, draw_noise
+from runtimes.options import OptionError
+from runtimes.trajectory import Step
 from training.model import LDDM
-from training.sampling import (ddim_step, make_draws, sample, sample_ar, sample_fuji, sample_mdlm,
+from training.sampling import (ddim_step, make_noise, sample, sample_ar, sample_call, sample_fuji, sample_mdlm,
                                sample_seq, time_grid, token_step)
 
 L = 16
@@ -23,32 +27,33 @@ def model(request):
     return tiny_model(request.param)
 
 
-def run(model: LDDM, seed: int, steps: int, batch: int = 3, on_step=None, latent_steps: int = 4, **kw):
-    draws = make_draws(seed, batch, model.cfg, steps)
+def run(model: LDDM, seed: int, steps: int, batch: int = 3, callback=None, latent_steps: int = 4, **kw):
+    noise = make_noise(seed, batch, model.cfg, steps)
     if model.cfg.variant == "mdlm":
-        return sample_mdlm(model, draws, steps, on_step=on_step, **kw)
+        return sample_mdlm(model, noise, callback=callback, **kw)
     if model.cfg.variant == "fuji":
-        return sample_fuji(model, draws, steps, on_step=on_step, **kw)
-    return sample_seq(model, draws, steps, latent_steps, on_step=on_step, **kw)
+        return sample_fuji(model, noise, callback=callback, **kw)
+    return sample_seq(model, noise, latent_steps, callback=callback, **kw)
 
 
 # ----------------------------------------------------------------------------- noise protocol
 
-def test_draws_follow_the_contract_order():
+def test_noise_follows_the_contract_order():
     cfg = tiny_model("fuji").cfg
-    draws = make_draws(7, 3, cfg, 5)
+    noise = make_noise(7, 3, cfg, 5)
     rng = np.random.default_rng(7)
     y_init = rng.standard_normal((3, cfg.n_latent, cfg.latent_dim)).astype(np.float32)
     u = rng.random((5, 3, L))
-    assert draws["y_init"].dtype == np.float32 and draws["u"].dtype == np.float64
-    np.testing.assert_array_equal(draws["y_init"], y_init)
-    np.testing.assert_array_equal(draws["u"], u)
+    assert noise.y_init.dtype == np.float32 and noise.u.dtype == np.float64
+    assert noise.batch == 3 and noise.token_steps == 5
+    np.testing.assert_array_equal(noise.y_init, y_init)
+    np.testing.assert_array_equal(noise.u, u)
 
 
-def test_mdlm_draws_have_no_latent():
-    draws = make_draws(7, 3, tiny_model("mdlm").cfg, 5)
-    assert set(draws) == {"u"}
-    np.testing.assert_array_equal(draws["u"], np.random.default_rng(7).random((5, 3, L)))
+def test_mdlm_noise_has_no_latent():
+    noise = make_noise(7, 3, tiny_model("mdlm").cfg, 5)
+    assert noise.y_init is None
+    np.testing.assert_array_equal(noise.u, np.random.default_rng(7).random((5, 3, L)))
 
 
 def test_time_grid_runs_from_noise_to_data():
@@ -108,8 +113,9 @@ def test_different_seeds_differ(model):
 
 def test_subs_mask_never_emitted_and_unmasked_tokens_never_change(model):
     mask_id = model.cfg.mask_id
-    chain = []
-    out = run(model, 5, 8, batch=6, on_step=lambda k, x: chain.append(x.clone()))
+    steps = []
+    out = run(model, 5, 8, batch=6, callback=steps.append)
+    chain = [step.x for step in steps if step.phase == "token"]
     assert len(chain) == 8 and torch.equal(chain[-1], out.tokens)
     assert out.tokens.dtype == torch.int64 and out.tokens.shape == (6, L)
     assert (out.tokens != mask_id).all() and (out.tokens >= 0).all()
@@ -146,15 +152,16 @@ def test_mdlm_cache_skips_calls_when_nothing_changed():
     calls = []
     handle = model.denoiser.register_forward_hook(lambda *_: calls.append(1))
     try:
-        chain = [torch.full((1, L), model.cfg.mask_id)]  # the input of step 0
-        sample_mdlm(model, make_draws(0, 1, model.cfg, 64), 64, cache=True,
-                    on_step=lambda k, x: chain.append(x.clone()))
+        steps = []
+        sample_mdlm(model, make_noise(0, 1, model.cfg, 64), cache=True, callback=steps.append)
+        chain = [torch.full((1, L), model.cfg.mask_id)] + [step.x for step in steps]  # the input of step 0 first
         # step k >= 1 reuses the cache when step k - 1 left x unchanged
         unchanged = sum(torch.equal(a, b) for a, b in zip(chain[:-2], chain[1:-1]))
         assert unchanged > 0
         assert len(calls) == 64 - unchanged
+        assert [step.network_called for step in steps].count(False) == unchanged
         calls.clear()
-        sample_mdlm(model, make_draws(0, 1, model.cfg, 64), 64, cache=False)
+        sample_mdlm(model, make_noise(0, 1, model.cfg, 64), cache=False)
         assert len(calls) == 64
     finally:
         handle.remove()
@@ -162,45 +169,93 @@ def test_mdlm_cache_skips_calls_when_nothing_changed():
 
 def test_sample_batches_with_seed_plus_b():
     model = tiny_model("seq")
-    out = sample(model, seed=10, num=5, steps=2, latent_steps=3, batch_size=2)
-    parts = [sample_seq(model, make_draws(10 + b, n, model.cfg, 2), 2, 3) for b, n in enumerate([2, 2, 1])]
+    seen = []
+    out = sample(model, seed=10, num=5, steps=2, latent_steps=3, batch_size=2,
+                 callback=lambda b, step: seen.append((b, step.phase, step.index)))
+    parts = [sample_seq(model, make_noise(10 + b, n, model.cfg, 2), 3) for b, n in enumerate([2, 2, 1])]
     assert torch.equal(out.tokens, torch.cat([p.tokens for p in parts]))
     assert torch.equal(out.latent, torch.cat([p.latent for p in parts]))
+    chain = [("latent", j) for j in range(3)] + [("token", k) for k in range(2)]
+    assert seen == [(b, *step) for b in range(3) for step in chain]
+
+
+def test_callback_steps_carry_the_runtime_fields(model):
+    """Every chain's steps, as runtimes.samplers.Sampler.steps() yields them (runtimes/trajectory.py)."""
+    steps = []
+    out = run(model, 6, 3, batch=2, callback=steps.append, latent_steps=2)
+    assert all(isinstance(step, Step) for step in steps)
+    variant, mask_id = model.cfg.variant, model.cfg.mask_id
+    assert [step.phase for step in steps] == ["latent"] * (2 if variant == "seq" else 0) + ["token"] * 3
+    latent, tokens = steps[:-3], steps[-3:]
+    for chain, total in ((latent, 2), (tokens, 3)):
+        assert [(s.index, s.total, s.t, s.s) for s in chain] == [(k, total, *time_grid(total)[k:k + 2])
+                                                                for k in range(len(chain))]
+    assert torch.equal(tokens[-1].x, out.tokens)
+    assert all(step.network_called for step in steps)
+    if variant == "mdlm":
+        assert all(step.y is None and step.y0_hat is None for step in steps)
+    elif variant == "fuji":
+        assert torch.equal(tokens[-1].y0_hat, out.latent) and all(step.y is not None for step in tokens)
+        assert not torch.equal(tokens[0].y, tokens[0].y0_hat)  # y after the DDIM update, not the estimate
+    else:
+        assert all((step.x == mask_id).all() and step.y0_hat is not None for step in latent)
+        assert torch.equal(latent[-1].y0_hat, out.latent)
+        assert all(torch.equal(step.y, out.latent) and step.y0_hat is None for step in tokens)
+
+
+def test_sample_call_picks_the_variant_sampler(model):
+    noise = make_noise(8, 2, model.cfg, 3)
+    latent_steps = 2 if model.cfg.variant == "seq" else None
+    ours = sample_call(model, noise, latent_steps)
+    direct = run(model, 8, 3, batch=2, latent_steps=2)
+    assert torch.equal(ours.tokens, direct.tokens)
+
+
+def test_torch_noise_gives_the_numpy_noise_samples(model):
+    noise = make_noise(9, 2, model.cfg, 3)
+    as_torch = Noise(torch.from_numpy(noise.u), None if noise.y_init is None else torch.from_numpy(noise.y_init))
+    assert torch.equal(sample_call(model, as_torch).tokens, sample_call(model, noise).tokens)
 
 
 # ----------------------------------------------------------------------------- bad input
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(steps=0), "steps must be a positive integer"),
-    (dict(steps=2, num=-1), "num must be a positive integer"),
-    (dict(steps=2, batch_size=0), "batch_size must be a positive integer"),
-    (dict(steps=2, latent_steps=2), "latent_steps applies to seq models only"),
-    (dict(steps=2, cache=True), None),
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(steps=0), OptionError, "steps must be a positive integer"),
+    (dict(steps=2, num=-1), OptionError, "num must be a positive integer"),
+    (dict(steps=2, batch_size=0), OptionError, "batch_size must be a positive integer"),
+    (dict(steps=2, latent_steps=2), LddmError, "latent_steps applies to seq models only"),
+    (dict(steps=2, cache=True), None, None),
 ])
-def test_sample_rejects_bad_arguments(kwargs, match):
+def test_sample_rejects_bad_arguments(kwargs, error, match):
     args = dict(seed=0, num=2) | kwargs
     model = tiny_model("mdlm")
     if match is None:  # cache is valid for mdlm
         assert sample(model, **args).tokens.shape == (2, L)
-        with pytest.raises(ValueError, match="cache applies to mdlm models only"):
+        with pytest.raises(LddmError, match="cache applies to mdlm models only"):
             sample(tiny_model("fuji"), **args)
         return
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(error, match=match):
         sample(model, **args)
 
 
-def test_sampler_rejects_wrong_variant_and_mismatched_draws():
+def test_sampler_rejects_wrong_variant_and_mismatched_noise():
     fuji = tiny_model("fuji")
-    with pytest.raises(ValueError, match="sample_mdlm needs a 'mdlm' model"):
-        sample_mdlm(fuji, make_draws(0, 2, fuji.cfg, 2), 2)
-    with pytest.raises(ValueError, match=r"draws\['u'\] must have shape"):
-        sample_fuji(fuji, make_draws(0, 2, fuji.cfg, 3), 2)
-    with pytest.raises(ValueError, match=r"draws\['y_init'\] must have shape"):
-        sample_fuji(fuji, make_draws(0, 2, tiny_model("mdlm").cfg, 2), 2)
-    with pytest.raises(ValueError, match="latent_steps must be a positive integer"):
-        sample_seq(tiny_model("seq"), make_draws(0, 2, fuji.cfg, 2), 2, 0)
-    with pytest.raises(ValueError, match="not a diffusion model"):
+    with pytest.raises(LddmError, match="sample_mdlm needs a 'mdlm' model"):
+        sample_mdlm(fuji, make_noise(0, 2, fuji.cfg, 2))
+    with pytest.raises(ShapeMismatch, match=r"noise.u must have shape .* draw the noise with make_noise"):
+        sample_mdlm(tiny_model("mdlm"), draw_noise(0, 2, 2, L + 1))
+    with pytest.raises(ShapeMismatch, match=r"noise.y_init must have shape .* make_noise"):
+        sample_fuji(fuji, make_noise(0, 2, tiny_model("mdlm").cfg, 2))
+    with pytest.raises(OptionError, match="latent_steps must be a positive integer"):
+        sample_seq(tiny_model("seq"), make_noise(0, 2, fuji.cfg, 2), 0)
+    with pytest.raises(OptionError, match="token_steps must be a positive integer"):
+        make_noise(0, 2, fuji.cfg, 0)
+    with pytest.raises(LddmError, match="not a diffusion model"):
         sample(tiny_model("ar"), 0, 2, 2)
+    with pytest.raises(LddmError, match="sample_ar needs an 'ar' model"):
+        sample_ar(fuji, 0, 2)
+    with pytest.raises(OptionError, match="num must be a positive integer"):
+        sample_ar(tiny_model("ar"), 0, 0)
 
 
 @pytest.mark.gpu
