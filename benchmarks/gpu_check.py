@@ -46,7 +46,7 @@ from lddm_export.manifest import new_manifest  # noqa: E402
 from runtimes.backends.torch_runner import CheckpointModules, TorchRunner  # noqa: E402
 from runtimes.bundle import Bundle, sha256_file  # noqa: E402
 from runtimes.noise import draw_noise, latent_shape  # noqa: E402
-from runtimes.samplers import GRAPHS, Sampler  # noqa: E402
+from runtimes.samplers import Sampler, sampler_graphs  # noqa: E402
 from runtimes.schedules import latent_steps_for  # noqa: E402
 from runtimes.spec import graph_specs  # noqa: E402
 from training import sampling  # noqa: E402
@@ -63,7 +63,7 @@ def checkpoint_bundle(ckpt: Path, out: Path) -> Bundle:
     """A bundle with a manifest and no ONNX files: all the torch backend needs (spec + checkpoint)."""
     model, raw = load_checkpoint(ckpt)
     cfg = model.cfg
-    specs = graph_specs(cfg.variant, cfg.seq_len, cfg.n_latent, cfg.latent_dim, cfg.total_vocab)
+    specs = graph_specs(cfg.variant, cfg.seq_len, cfg.n_latent, cfg.latent_dim, cfg.total_vocab, cfg.width)
     graphs = {name: {**spec.to_dict(), "onnx": {}} for name, spec in specs.items()}
     manifest = new_manifest(raw["config"], raw["tokenizer"], raw["train"].get("data"), ckpt, sha256_file(ckpt),
                             graphs, {"min": 1, "opt": 8, "max": 64}, opset=18)
@@ -97,8 +97,8 @@ def make_sampler(bundle: Bundle, device: str, mode: Mode, modules: CheckpointMod
     graphed = mode.cuda_graph and device.startswith("cuda")
     runners = {g: TorchRunner(bundle, g, device, modules, use_cuda_graph=graphed, precision=mode.precision,
                               compile=mode.compile).activate()
-               for g in GRAPHS[bundle.variant]}
-    return Sampler.from_bundle(bundle, runners, compile=mode.compile, **options)
+               for g in sampler_graphs(bundle.variant, "dense")}
+    return Sampler.from_bundle(bundle, runners, head="dense", compile=mode.compile, **options)
 
 
 def baseline_of(mode_name: str) -> str:
@@ -131,7 +131,7 @@ def timed(fn, device: str, repeat: int) -> float:
 
 def graph_replay_seconds(sampler: Sampler, noise, steps: int, device: str, repeat: int) -> float:
     """Seconds per step of the network alone (the runner's infer on fixed inputs, `steps` times)."""
-    runner = sampler.runners[GRAPHS[sampler.variant][-1]]
+    runner = sampler.runners[sampler_graphs(sampler.variant, "dense")[-1]]
     B, s = noise.batch, sampler.shapes
     feeds = {"x_t": torch.full((B, s["L"]), s["mask_id"], dtype=torch.int64, device=device),
              "y_t": torch.randn(B, s["P"], s["D"], device=device),
@@ -159,7 +159,7 @@ def speed(variant: str, cfg: dict, work: Path, device: str, batch: int, modes: l
     modules = CheckpointModules(bundle, load_reference_graphs)  # one copy of the weights for every mode
     model = modules()
     # The parameters the sampling loop runs (fuji's MM-DiT has two streams of weights: ~2x mdlm's).
-    params = sum(p.numel() for g in GRAPHS[variant] for p in model[g].parameters())
+    params = sum(p.numel() for g in sampler_graphs(variant, "dense") for p in model[g].parameters())
     latent = latent_steps_for(variant, steps)
     n_steps = steps + (latent or 0)
     noise = noise_for(bundle, 0, batch, steps)
@@ -180,7 +180,8 @@ def speed(variant: str, cfg: dict, work: Path, device: str, batch: int, modes: l
               f"(setup {row[f'{name}_setup_s']:.1f} s)", flush=True)
     fp32 = [m for m in modes if MODES[m].precision == "fp32"]
     best = min(fp32, key=lambda m: row[f"{m}_ms_per_step"])
-    fast_draws = Sampler.from_bundle(bundle, samplers[best].runners, float64_draws=False, compile=MODES[best].compile)
+    fast_draws = Sampler.from_bundle(bundle, samplers[best].runners, head="dense", float64_draws=False,
+                                      compile=MODES[best].compile)
     row["best_fp32_mode"] = best
     row["best_fp32_float32_draws_ms_per_step"] = 1e3 * timed(lambda: fast_draws.sample(noise, latent),
                                                              device, repeat) / n_steps

@@ -38,7 +38,7 @@ from lddm_export.manifest import sha256_file  # noqa: E402
 from runtimes.backends import make_runners  # noqa: E402
 from runtimes.bundle import Bundle  # noqa: E402
 from runtimes.noise import draw_noise, latent_shape  # noqa: E402
-from runtimes.samplers import GRAPHS, Sampler  # noqa: E402
+from runtimes.samplers import Sampler, sampler_graphs  # noqa: E402
 from runtimes.schedules import latent_steps_for  # noqa: E402
 from training.checkpoint import load_reference_graphs  # noqa: E402
 
@@ -81,7 +81,7 @@ def matmul_flops(path: Path, batch: int) -> int:
 def step_flops(bundle: Bundle, batch: int) -> float:
     """Matmul FLOPs of one sampling step: one evaluation of the graph each step uses (seq: the mean
     of a latent and a token step, which the benchmark runs equally often)."""
-    flops = [matmul_flops(bundle.onnx_path(g, "fp32"), batch) for g in GRAPHS[bundle.variant]]
+    flops = [matmul_flops(bundle.onnx_path(g, "fp32"), batch) for g in sampler_graphs(bundle.variant, "dense")]
     return sum(flops) / len(flops)
 
 
@@ -109,11 +109,11 @@ def trajectory_parity(bundle: Bundle, precision: str, batch: int, steps: int, th
     latent_steps = latent_steps_for(bundle.variant, steps)
     trajectories = []
     for backend, prec in (("torch", "fp32"), ("ort", precision)):
-        runners = make_runners(bundle, backend, prec, "cpu", graphs=list(GRAPHS[bundle.variant]), threads=threads,
+        runners = make_runners(bundle, backend, prec, "cpu", graphs=list(sampler_graphs(bundle.variant, "dense")), threads=threads,
                                reference=load_reference_graphs)
         for runner in runners.values():
             runner.activate()
-        trajectories.append(list(Sampler.from_bundle(bundle, runners).steps(noise, latent_steps)))
+        trajectories.append(list(Sampler.from_bundle(bundle, runners, head="dense").steps(noise, latent_steps)))
     agreements = [(a.x == b.x).double().mean().item() for a, b in zip(*trajectories)]
     errors = [(a.y0_hat - b.y0_hat).abs().max().item() for a, b in zip(*trajectories) if a.y0_hat is not None]
     return {"variant": bundle.variant, "precision": precision, "batch": batch, "steps": steps,
@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ceiling = gemm_ceiling_gflops(args.threads)
     for ckpt in examples:
         bundle = example_bundle(ckpt, args.bundles)
-        new = bench_bundle(bundle, "ort", "fp32", "cpu", batches, args.steps, None, args.repeat, args.threads)
+        new = bench_bundle(bundle, "ort", "fp32", "cpu", batches, args.steps, None, args.repeat, args.threads,
+                           head="dense")
         for row in new:
             gflop = step_flops(bundle, row["batch"]) / 1e9
             row["matmul_gflop_per_step"] = gflop

@@ -13,6 +13,7 @@ from runtimes.base import Runner
 from runtimes.noise import draw_noise, latent_shape
 from runtimes.progress import progress
 from runtimes.samplers import Sampler
+from runtimes.spec import HEADS
 
 
 class RecordingRunner(Runner):
@@ -44,13 +45,16 @@ class RecordingRunner(Runner):
 
 def record_feeds(sampler: Sampler, seeds: list[int], batch: int, token_steps: int,
                  latent_steps: int | None = None) -> dict[str, list[dict[str, torch.Tensor]]]:
-    """Run the sampler once per seed and return every feed of every graph (progress on stderr).
+    """Run the sampler once per seed and head form and return every feed of every graph
+    (progress on stderr).
 
-    The encoder is not called while sampling; it is fed the sampled token sequences, which
-    stand for the data it encodes.
+    Each seed is sampled with the dense head (the token graphs' feeds) and with the sparse head
+    (the trunk's, and the head's: the hidden rows that unmask). The encoder is not called while
+    sampling; it is fed the sampled token sequences, which stand for the data it encodes.
 
     Args:
-        sampler: a Sampler over active runners (FP32, any backend); its runners are wrapped.
+        sampler: a Sampler over active runners (FP32, any backend) of every graph either head
+            form calls; its runners are wrapped.
         seeds: one sampling call of `batch` samples per seed (noise per docs/contracts.md).
         batch: samples per call.
         token_steps, latent_steps: the chain lengths to sample with (latent_steps: seq only).
@@ -59,15 +63,17 @@ def record_feeds(sampler: Sampler, seeds: list[int], batch: int, token_steps: in
         with the final samples when the sampler's variant has an encoder.
     """
     recorders = {name: RecordingRunner(runner).activate() for name, runner in sampler.runners.items()}
-    recording = Sampler(sampler.variant, recorders, sampler.shapes, sampler.mask_schedule,
-                        sampler.latent_schedule, sampler.float64_draws)
+    recording = {head: Sampler(sampler.variant, recorders, sampler.shapes, sampler.mask_schedule,
+                               sampler.latent_schedule, sampler.float64_draws, head=head) for head in HEADS}
     shapes = sampler.shapes
     samples = []
-    steps = len(seeds) * (token_steps + (latent_steps or 0))
+    steps = len(seeds) * len(HEADS) * (token_steps + (latent_steps or 0))
     with progress(steps, "calibrate: sampling trajectories") as bar:
         for seed in seeds:
             noise = draw_noise(seed, batch, token_steps, shapes["L"], latent_shape(sampler.variant, shapes))
-            samples.append(recording.sample(noise, latent_steps, callback=lambda step: bar.update(1)).tokens.cpu())
+            for head in HEADS:
+                tokens = recording[head].sample(noise, latent_steps, callback=lambda step: bar.update(1)).tokens
+            samples.append(tokens.cpu())
     feeds = {name: r.feeds for name, r in recorders.items()}
     if sampler.variant != "mdlm":
         feeds["encoder"] = [{"tokens": tokens} for tokens in samples]

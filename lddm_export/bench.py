@@ -27,7 +27,7 @@ from runtimes.errors import LddmError
 from runtimes.noise import draw_noise, latent_shape
 from runtimes.options import check_job
 from runtimes.progress import progress
-from runtimes.samplers import GRAPHS, Sampler
+from runtimes.samplers import Sampler, sampler_graphs
 from runtimes.schedules import latent_steps_for
 from training import sampling
 from training.checkpoint import load_checkpoint, load_reference_graphs
@@ -74,11 +74,11 @@ def reference_sampler(bundle, ckpt, device: str, latent_steps: int | None):
 
 
 def sampler_overhead(bundle, runners: dict, noise, latent_steps: int | None, sync,
-                     compile: bool) -> float:
+                     compile: bool, head: str = "sparse") -> float:
     """(call time - time inside the graphs) / time inside the graphs, of one instrumented call."""
     timed = {name: TimedRunner(runner, sync) for name, runner in runners.items()}
     start = time.perf_counter()
-    Sampler.from_bundle(bundle, timed, compile=compile).sample(noise, latent_steps)
+    Sampler.from_bundle(bundle, timed, head=head, compile=compile).sample(noise, latent_steps)
     sync()
     t_total, t_graphs = time.perf_counter() - start, sum(r.seconds for r in timed.values())
     return (t_total - t_graphs) / t_graphs
@@ -86,7 +86,8 @@ def sampler_overhead(bundle, runners: dict, noise, latent_steps: int | None, syn
 
 def bench_bundle(bundle, backend: str, precision: str, device: str, batches: list[int], steps: int,
                  latent_steps: int | None, repeat: int, threads: int | None, ckpt=None,
-                 cuda_graph: bool | None = None, compile: bool = False, show_progress: bool = True) -> list[dict]:
+                 cuda_graph: bool | None = None, compile: bool = False, show_progress: bool = True,
+                 head: str = "sparse") -> list[dict]:
     """Time the runtime and the reference sampler on one bundle.
 
     Args:
@@ -97,10 +98,11 @@ def bench_bundle(bundle, backend: str, precision: str, device: str, batches: lis
         ckpt: an explicit checkpoint for the reference, or None for the manifest's.
         cuda_graph: the runners' CUDA-graph option (as for make_runners).
         compile: torch.compile the sampler's token step, and the modules of the torch backend.
+        head: the runtime sampler's head, "sparse" or "dense" (runtimes.samplers.Sampler).
         show_progress: show the progress of the timed calls (runtimes.progress) until the rows are done.
     Returns:
         one row per batch: {"variant", "backend", "precision", "device", "batch", "steps",
-        "runtime_ms_per_step", "runtime_samples_per_s", "reference_ms_per_step",
+        "head", "runtime_ms_per_step", "runtime_samples_per_s", "reference_ms_per_step",
         "reference_samples_per_s", "speedup", "sampler_overhead"}; sampler_overhead is the
         time outside the graphs over the time inside them, from one more (instrumented) call.
     """
@@ -114,12 +116,12 @@ def bench_bundle(bundle, backend: str, precision: str, device: str, batches: lis
         raise LddmError(f"--batch {max(batches)} is above the bundle's batch profile maximum {max_batch}; "
                         f"bench batches <= {max_batch} or rebuild with a larger --batch")
     check_job(max(batches), max(batches), steps, latent_steps, shapes)
-    runners = make_runners(bundle, backend, precision, device, ckpt=ckpt, graphs=list(GRAPHS[variant]),
+    runners = make_runners(bundle, backend, precision, device, ckpt=ckpt, graphs=list(sampler_graphs(variant, head)),
                            threads=threads, cuda_graph=cuda_graph, compile=compile and backend == "torch",
                            reference=load_reference_graphs)
     for runner in runners.values():
         runner.activate()
-    sampler = Sampler.from_bundle(bundle, runners, compile=compile)
+    sampler = Sampler.from_bundle(bundle, runners, head=head, compile=compile)
     reference = reference_sampler(bundle, ckpt, device, latent_steps)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     calls_per_batch = 2 * (1 + repeat) + 1  # warm-ups, timed pairs, the instrumented call
@@ -139,9 +141,9 @@ def bench_bundle(bundle, backend: str, precision: str, device: str, batches: lis
 
             t_runtime, t_reference = paired_median_seconds(run_runtime, run_reference, repeat,
                                                            after_call=lambda: bar.update(1))
-            overhead = sampler_overhead(bundle, runners, noise, latent_steps, sync, compile)
+            overhead = sampler_overhead(bundle, runners, noise, latent_steps, sync, compile, head)
             bar.update(1)
-            rows.append({"variant": variant, "backend": backend, "precision": precision, "device": device,
+            rows.append({"variant": variant, "backend": backend, "precision": precision, "device": device, "head": head,
                          "batch": batch, "steps": n_steps,
                          "runtime_ms_per_step": 1e3 * t_runtime / n_steps, "runtime_samples_per_s": batch / t_runtime,
                          "reference_ms_per_step": 1e3 * t_reference / n_steps,
@@ -154,11 +156,11 @@ def bench_bundle(bundle, backend: str, precision: str, device: str, batches: lis
 
 def format_table(rows: list[dict]) -> str:
     """A markdown table of bench_bundle rows."""
-    lines = ["| variant | backend | precision | batch | runtime ms/step | runtime samples/s | "
+    lines = ["| variant | backend | precision | head | batch | runtime ms/step | runtime samples/s | "
              "torch eager ms/step | torch eager samples/s | speedup | sampler overhead |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['variant']} | {r['backend']}-{r['device']} | {r['precision']} | {r['batch']} | "
+        lines.append(f"| {r['variant']} | {r['backend']}-{r['device']} | {r['precision']} | {r['head']} | {r['batch']} | "
                      f"{r['runtime_ms_per_step']:.3f} | {r['runtime_samples_per_s']:.1f} | "
                      f"{r['reference_ms_per_step']:.3f} | {r['reference_samples_per_s']:.1f} | "
                      f"{r['speedup']:.2f}x | {100 * r['sampler_overhead']:.1f}% |")

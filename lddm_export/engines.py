@@ -30,6 +30,7 @@ from typing import Callable
 from runtimes.cuda_util import GpuIdentity, cache_root, gpu_identity, import_tensorrt, onnx_sha256, tensorrt_logger
 from runtimes.errors import EngineBuildError
 from runtimes.fileio import WriteError, write_atomic
+from runtimes.spec import DYNAMIC, GraphSpec, dynamic_profile
 
 ENGINES_OFF = "use --engines off"
 
@@ -53,12 +54,12 @@ def profile_shapes(tensor: dict, profile: dict) -> tuple[tuple[int, ...], ...]:
 
     Args:
         tensor: a graph input as the manifest lists it, {"name", "dtype", "shape"} with "B"
-            standing for the batch axis, e.g. {"name": "x_t", "shape": ["B", 128]}.
-        profile: {"min": int, "opt": int, "max": int} batch sizes.
+            (or the head's "N") standing for the dynamic axis, e.g. {"name": "x_t", "shape": ["B", 128]}.
+        profile: {"min": int, "opt": int, "max": int} of that axis (runtimes.spec.dynamic_profile).
     Returns:
         three shape tuples, e.g. ((1, 128), (8, 128), (64, 128)).
     """
-    return tuple(tuple(profile[key] if dim == "B" else int(dim) for dim in tensor["shape"])
+    return tuple(tuple(profile[key] if dim in DYNAMIC else int(dim) for dim in tensor["shape"])
                  for key in ("min", "opt", "max"))
 
 
@@ -81,7 +82,8 @@ def build_engines(bundle_dir: str | Path, manifest: dict, precisions: list[str],
             engines written to its engines/ folder.
         manifest: the manifest (only "graphs" is read: inputs and ONNX paths per precision).
         precisions: which ONNX graphs to build, e.g. ["fp16"] or ["fp32", "fp16"].
-        profile: the batch profile {"min", "opt", "max"} applied to every input's B axis.
+        profile: the batch profile {"min", "opt", "max"}, applied to every input's B axis (the
+            head's rows N get runtimes.spec.dynamic_profile of it; the entry records the batch profile).
         workspace_mb: cap on TensorRT's builder workspace in MiB (Jetson), or None for no cap.
         log: progress sink, one line per engine.
         timing_cache: the timing-cache file reused across builds (default_timing_cache()).
@@ -106,7 +108,8 @@ def build_engines(bundle_dir: str | Path, manifest: dict, precisions: list[str],
             engine_file = engine_file_name(graph, precision, gpu, trt.__version__)
             log(f"TensorRT {trt.__version__}: building {engine_file} for {gpu.name} "
                 f"(batch {profile['min']}..{profile['max']})")
-            plan = _build_plan(trt, bundle_dir / onnx_file, table["inputs"], profile, workspace_mb, cache_path)
+            axis = dynamic_profile(GraphSpec.from_dict(graph, table), profile, manifest["shapes"]["L"])
+            plan = _build_plan(trt, bundle_dir / onnx_file, table["inputs"], axis, workspace_mb, cache_path)
             (bundle_dir / engine_file).parent.mkdir(parents=True, exist_ok=True)
             write_atomic(bundle_dir / engine_file, lambda f: f.write(plan), "the engine file")
             entries.append({"graph": graph, "precision": precision, "file": engine_file,

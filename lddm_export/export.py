@@ -26,7 +26,7 @@ import onnx
 import torch
 
 from runtimes.errors import LddmError, ShapeMismatch
-from runtimes.spec import BATCH, GraphSpec
+from runtimes.spec import GraphSpec
 
 EXTERNAL_DATA_BYTES = 2 * 1024 ** 3  # protobuf cannot serialise a message above 2 GB
 EXPORTER = "torch.onnx.export(dynamo=True)"
@@ -74,7 +74,7 @@ def _quiet_exporter():
 
 
 def export_graph(module: torch.nn.Module, spec: GraphSpec, vocab: int, opset: int) -> onnx.ModelProto:
-    """Export one graph wrapper to a cleaned FP32 ONNX model, B symbolic.
+    """Export one graph wrapper to a cleaned FP32 ONNX model, its dynamic axis (B or N) symbolic.
 
     Args:
         module: the wrapper (eval mode, CPU), taking the spec's inputs positionally.
@@ -88,7 +88,7 @@ def export_graph(module: torch.nn.Module, spec: GraphSpec, vocab: int, opset: in
         ShapeMismatch: the exported I/O does not match the spec.
     """
     args = sample_inputs(spec, TRACE_BATCH, vocab, torch.Generator().manual_seed(0))
-    batch = torch.export.Dim(BATCH, min=1)
+    batch = torch.export.Dim(spec.dynamic_axis, min=1)
     dynamic_shapes = {s.name: {0: batch} for s in spec.inputs}
     try:
         with _quiet_exporter(), torch.no_grad():
@@ -128,7 +128,7 @@ def _dims(value_info: onnx.ValueInfoProto) -> list:
 
 
 def check_io(model: onnx.ModelProto, spec: GraphSpec) -> None:
-    """The graph's inputs and outputs are the spec's: names, order, dtypes, B symbolic, rest fixed.
+    """The graph's inputs and outputs are the spec's: names, order, dtypes, B or N symbolic, rest fixed.
 
     Raises:
         ShapeMismatch: naming the tensor, what the graph has and what the spec expects.
@@ -146,7 +146,7 @@ def check_io(model: onnx.ModelProto, spec: GraphSpec) -> None:
             dims = _dims(value)
             if dims != list(s.shape):
                 raise ShapeMismatch(f"{kind} {s.name!r} of graph {spec.name!r} has dims {dims}, expected "
-                                    f"{list(s.shape)} (only {BATCH!r} symbolic, the others fixed)")
+                                    f"{list(s.shape)} (only {spec.dynamic_axis!r} symbolic, the others fixed)")
 
 
 def set_metadata(model: onnx.ModelProto, props: dict) -> None:

@@ -10,7 +10,7 @@ import importlib.metadata
 import os
 from pathlib import Path
 
-from runtimes.bundle import FORMAT, MANIFEST, VERSION, Bundle, validate_manifest
+from runtimes.bundle import FORMAT, HEAD_FORM, MANIFEST, VERSION, Bundle, validate_manifest
 from runtimes.errors import BundleError
 from runtimes.fileio import sha256_file, write_json
 
@@ -64,10 +64,11 @@ def new_manifest(config: dict, tokenizer: dict | None, data: str | None, checkpo
         "variant": config["variant"],
         "config": config,
         "shapes": {"L": config["seq_len"], "P": config["n_latent"], "D": config["latent_dim"],
-                   "V": config["vocab_size"] + 1, "mask_id": config["vocab_size"]},
+                   "V": config["vocab_size"] + 1, "W": config["width"], "mask_id": config["vocab_size"]},
         "schedule": {"mask": {"kind": config["mask_schedule"], "eps": config["mask_eps"]},
                      "latent": {"kind": config["latent_schedule"], "eps": config["latent_eps"]}},
         "graphs": graphs,
+        "head": HEAD_FORM,
         "batch_profile": dict(batch_profile),
         "opset": opset,
         "engines": [],

@@ -7,14 +7,15 @@ checkpoint must be the one the bundle was built from (sha256).
    runner (our runners behind Polygraphy's BaseRunner) on fresh random inputs at batch 1, 3
    and 8 and t in {0.001, 0.5, 0.999}; every output is held to its tolerance in
    runtimes/tolerances.py (FP32: max relative error; FP16: relative L2 of the softmax and KL).
-2. Trajectory: the runtime sampler on the backend and on the torch reference, fed the same
+2. Trajectory: the runtime sampler on the backend (with --head, sparse by default: what
+   `sample` deploys) and on the torch reference (dense, the reference form), fed the same
    noise, stepped in lockstep: token agreement and latent error per step. The torch runtime
    reproduces training/sampling.py token for token (tests/runtimes/test_runtime.py), so this is the
    comparison with the reference sampler. Gated for FP32 (>= 99.9% of tokens); reported for
    FP16, where a categorical draw that lands within rounding of a CDF boundary flips and
    the two trajectories legitimately part: FP16 is gated on levels 1 and 3.
-3. Distribution: samples of the backend at each precision vs the torch FP32 reference, same
-   seeds. The manifest's "data" says what the model was trained on. Sawtooth: sliced
+3. Distribution: samples of the backend at each precision (with --head) vs the torch FP32
+   dense reference, same seeds. The manifest's "data" says what the model was trained on. Sawtooth: sliced
    Wasserstein distance to fresh data, within DISTRIBUTION_SWD_MARGIN of the reference's.
    Text: generative perplexity under an AR evaluator (--evaluator, an `lddm-train --variant
    ar` checkpoint with the bundle's tokenizer) within GEN_PPL_MARGIN, and unigram entropy
@@ -50,9 +51,9 @@ from runtimes.errors import BundleError, ToleranceExceeded
 from runtimes.fileio import sha256_file, write_json
 from runtimes.noise import draw_noise, latent_shape
 from runtimes.progress import progress
-from runtimes.samplers import Sampler, sample_batches
+from runtimes.samplers import Sampler, sample_batches, sampler_graphs
 from runtimes.schedules import latent_steps_for
-from runtimes.spec import BATCH
+from runtimes.spec import DYNAMIC
 from runtimes.tolerances import (DISTRIBUTION_SWD_MARGIN, ENTROPY_MARGIN, FP16_KL, FP16_REL_L2, FP32_MAX_REL,
                                  GEN_PPL_MARGIN, TRAJECTORY_TOKEN_AGREEMENT, graph_tolerances)
 from training.checkpoint import load_checkpoint, load_reference_graphs
@@ -76,6 +77,7 @@ class VerifyOptions:
         distribution_samples: samples per precision at level 3.
         batch_size: samples per sampling call.
         evaluator: text bundles: the AR checkpoint that scores samples (generative perplexity).
+        head: the tested sampler's token head ("sparse" or "dense"); the reference is dense.
     """
 
     backend: str = "ort"
@@ -88,6 +90,7 @@ class VerifyOptions:
     distribution_samples: int = 1024
     batch_size: int = 64
     evaluator: str | None = None
+    head: str = "sparse"
 
 
 def open_verified(bundle_dir: str | Path, ckpt: str | Path) -> Bundle:
@@ -117,7 +120,7 @@ class PolygraphyRunner(BaseRunner):
     def get_input_metadata_impl(self):
         meta = TensorMetadata()
         for s in self.runner.spec.inputs:
-            meta.add(s.name, np.dtype(s.dtype), [None if d == BATCH else d for d in s.shape])
+            meta.add(s.name, np.dtype(s.dtype), [None if d in DYNAMIC else d for d in s.shape])
         return meta
 
     def infer_impl(self, feed_dict):
@@ -193,17 +196,19 @@ def _brief(r: dict) -> str:
 
 # ----------------------------------------------------------------------------- level 2
 
-def _sampler(bundle: Bundle, ckpt: Path, backend: str, precision: str, device: str) -> Sampler:
+def _sampler(bundle: Bundle, ckpt: Path, backend: str, precision: str, device: str, head: str) -> Sampler:
     """A sampler over active runners of one backend (the torch reference reads `ckpt`)."""
-    runners = (make_runners(bundle, "torch", precision, device, ckpt=ckpt, reference=load_reference_graphs)
-               if backend == "torch" else make_runners(bundle, backend, precision, device))
-    return Sampler.from_bundle(bundle, {g: r.activate() for g, r in runners.items()})
+    graphs = list(sampler_graphs(bundle.variant, head))
+    runners = (make_runners(bundle, "torch", precision, device, ckpt=ckpt, graphs=graphs,
+                            reference=load_reference_graphs)
+               if backend == "torch" else make_runners(bundle, backend, precision, device, graphs=graphs))
+    return Sampler.from_bundle(bundle, {g: r.activate() for g, r in runners.items()}, head=head)
 
 
 def verify_trajectory(bundle: Bundle, ckpt: Path, options: VerifyOptions, precision: str, log: Log) -> dict:
     """Level 2 at one precision: per-step token agreement and latent error vs the torch runtime."""
-    reference = _sampler(bundle, ckpt, "torch", "fp32", options.device)
-    tested = _sampler(bundle, ckpt, options.backend, precision, options.device)
+    reference = _sampler(bundle, ckpt, "torch", "fp32", options.device, "dense")
+    tested = _sampler(bundle, ckpt, options.backend, precision, options.device, options.head)
     noise = draw_noise(options.seed, options.trajectory_samples, options.steps, bundle.shapes["L"],
                        latent_shape(bundle.variant, bundle.shapes))
     latent_steps = latent_steps_for(bundle.variant, options.steps, options.latent_steps)
@@ -219,7 +224,8 @@ def verify_trajectory(bundle: Bundle, ckpt: Path, options: VerifyOptions, precis
     passed = (final >= TRAJECTORY_TOKEN_AGREEMENT
               and all(s["token_agreement"] >= TRAJECTORY_TOKEN_AGREEMENT for s in per_step)) if gated else True
     latent = max((s.get("latent_max_abs", 0.0) for s in per_step), default=0.0)
-    log(f"[trajectory/{precision}] token agreement {final:.4%} (min over steps "
+    log(f"[trajectory/{precision}] {options.head} head vs the dense torch reference: token agreement "
+        f"{final:.4%} (min over steps "
         f"{min(s['token_agreement'] for s in per_step):.4%}), latent max abs error {latent:.2e}"
         f"{'' if gated else ' (reported, not gated)'}{'' if passed else ' FAIL'}")
     return {"passed": passed, "gated": gated, "final_token_agreement": final, "steps": per_step,
@@ -228,9 +234,10 @@ def verify_trajectory(bundle: Bundle, ckpt: Path, options: VerifyOptions, precis
 
 # ----------------------------------------------------------------------------- level 3
 
-def _samples(bundle: Bundle, ckpt: Path, backend: str, precision: str, options: VerifyOptions) -> torch.Tensor:
-    """The distribution samples of one backend and precision (progress on stderr)."""
-    sampler = _sampler(bundle, ckpt, backend, precision, options.device)
+def _samples(bundle: Bundle, ckpt: Path, backend: str, precision: str, head: str,
+             options: VerifyOptions) -> torch.Tensor:
+    """The distribution samples of one backend, precision and head (progress on stderr)."""
+    sampler = _sampler(bundle, ckpt, backend, precision, options.device, head)
     latent_steps = latent_steps_for(bundle.variant, options.steps, options.latent_steps)
     batches = -(-options.distribution_samples // options.batch_size)
     with progress(batches * (options.steps + (latent_steps or 0)), f"verify: sampling ({backend} {precision})") as bar:
@@ -288,14 +295,15 @@ def distribution_metrics(bundle: Bundle, evaluator, options: VerifyOptions) -> d
 def verify_distribution(bundle: Bundle, ckpt: Path, options: VerifyOptions, evaluator, log: Log) -> dict:
     """Level 3: each precision's samples vs the torch FP32 reference's (same seeds)."""
     metrics = distribution_metrics(bundle, evaluator, options)
-    log(f"[distribution] sampling {options.distribution_samples} reference samples (torch fp32)")
-    reference = _samples(bundle, ckpt, "torch", "fp32", options)
+    log(f"[distribution] sampling {options.distribution_samples} reference samples (torch fp32, dense head)")
+    reference = _samples(bundle, ckpt, "torch", "fp32", "dense", options)
     results = {"samples": options.distribution_samples, "metrics": {}}
     for name, (score, margin) in metrics.items():
         results["metrics"][name] = {"reference": score(reference), "margin": margin, "precisions": {}}
     for precision in options.precisions:
-        log(f"[distribution] sampling {options.distribution_samples} samples ({options.backend} {precision})")
-        tokens = _samples(bundle, ckpt, options.backend, precision, options)
+        log(f"[distribution] sampling {options.distribution_samples} samples ({options.backend} {precision}, "
+            f"{options.head} head)")
+        tokens = _samples(bundle, ckpt, options.backend, precision, options.head, options)
         for name, (score, margin) in metrics.items():
             entry = results["metrics"][name]
             got = score(tokens)

@@ -3,16 +3,17 @@
 The manifest (written by lddm_export.manifest, read here and only here):
 
     {
-      "format": "lddm-bundle", "version": 1,
+      "format": "lddm-bundle", "version": 2,
       "variant": "fuji" | "seq" | "mdlm",
       "config": {...},                        # training.config.ModelConfig as a dict
-      "shapes": {"L": 128, "P": 4, "D": 8, "V": 3, "mask_id": 2},
+      "shapes": {"L": 128, "P": 4, "D": 8, "V": 3, "W": 64, "mask_id": 2},   # W: the token network's width
       "schedule": {"mask": {"kind": "loglinear", "eps": 0.001},
                    "latent": {"kind": "sqrt", "eps": 0.0001}},
       "graphs": {"<graph>": {"inputs": [...], "outputs": [...],   # runtimes.spec.GraphSpec
                               "onnx": {"fp32": "onnx/<graph>.fp32.onnx",
                                        "fp16": "onnx/<graph>.fp16.onnx"},
                               "fp16_islands": [{"node", "op_type", "reason"}]}},  # calibrated
+      "head": "trunk+head",                   # the sparse head's form: the graphs "trunk" and "head"
       "fp16_calibration": true,               # whether those islands were calibrated
       "batch_profile": {"min": 1, "opt": 8, "max": 64},
       "opset": 18,
@@ -54,15 +55,16 @@ from pathlib import Path
 from runtimes.errors import BundleError
 from runtimes.fileio import sha256_file
 from runtimes.options import MAX_BATCH   # the bound of every batch profile, as `build --batch` has it
-from runtimes.spec import GRAPHS_BY_VARIANT, GraphSpec, graph_specs
+from runtimes.spec import GRAPHS_BY_VARIANT, GraphSpec, dynamic_profile, graph_specs
 from runtimes.tokenizer import tokenizer_problem
 
 FORMAT = "lddm-bundle"
-VERSION = 1
+VERSION = 2   # 2: the trunk and head graphs (the sparse head) and shapes.W
 MANIFEST = "manifest.json"
+HEAD_FORM = "trunk+head"   # how the sparse head is exported (docs/design.md, "The graphs")
 VARIANTS = tuple(GRAPHS_BY_VARIANT)
 PRECISIONS = ("fp32", "fp16")
-REQUIRED = ("format", "version", "variant", "config", "shapes", "schedule", "graphs", "batch_profile",
+REQUIRED = ("format", "version", "variant", "config", "shapes", "schedule", "graphs", "head", "batch_profile",
             "opset", "engines", "tokenizer", "data", "checkpoint", "files", "tools")
 MASK_KINDS = ("linear", "loglinear")   # the schedules runtimes/schedules.py implements
 LATENT_KINDS = ("sqrt", "cosine")
@@ -128,6 +130,11 @@ class Bundle:
     def spec(self, graph: str) -> GraphSpec:
         return GraphSpec.from_dict(graph, self.manifest["graphs"][graph])
 
+    def profile(self, graph: str, batch_profile: dict | None = None) -> dict:
+        """{"min", "opt", "max"} of the graph's dynamic axis for the batch profile (default: the
+        manifest's): the batch itself, or the head's rows (runtimes.spec.dynamic_profile)."""
+        return dynamic_profile(self.spec(graph), batch_profile or self.manifest["batch_profile"], self.shapes["L"])
+
     def onnx_path(self, graph: str, precision: str) -> Path:
         files = self.manifest["graphs"][graph]["onnx"]
         if precision not in files:
@@ -176,6 +183,7 @@ def validate_manifest(m, path: Path) -> dict:
     _check_config(m["config"], m, where)
     _check_files_table(m["files"], where)
     _check_graphs(m["graphs"], m, where)
+    _require(m["head"] == HEAD_FORM, where, f"has head {_show(m['head'])}; this runtime reads {HEAD_FORM!r}")
     _require(_is_profile(m["batch_profile"]), where,
              f"has batch_profile {_show(m['batch_profile'])}; expected integers 1 <= min <= opt <= max <= {MAX_BATCH}")
     _require(_is_int(m["opset"]) and m["opset"] >= 1, where, f"has opset {_show(m['opset'])}; expected a positive integer")
@@ -196,8 +204,8 @@ def validate_manifest(m, path: Path) -> dict:
 
 
 def _check_shapes(shapes, where: str) -> None:
-    _require(isinstance(shapes, dict), where, f"has shapes {_show(shapes)}; expected an object with L, P, D, V, mask_id")
-    for key in "LPDV":
+    _require(isinstance(shapes, dict), where, f"has shapes {_show(shapes)}; expected an object with L, P, D, V, W, mask_id")
+    for key in "LPDVW":
         _require(_is_int(shapes.get(key)) and 1 <= shapes[key] <= MAX_DIM, where,
                  f"has shapes.{key} {_show(shapes.get(key))}; expected an integer in 1..{MAX_DIM}")
     _require(shapes["V"] >= 3 and _is_int(shapes.get("mask_id")) and shapes["mask_id"] == shapes["V"] - 1, where,
@@ -215,6 +223,7 @@ def _check_schedule(schedule, where: str) -> None:
 
 # config key -> (manifest section, key) it must equal
 CONFIG_MIRRORS = {"seq_len": ("shapes", "L"), "n_latent": ("shapes", "P"), "latent_dim": ("shapes", "D"),
+                  "width": ("shapes", "W"),
                   "mask_schedule": ("mask", "kind"), "mask_eps": ("mask", "eps"),
                   "latent_schedule": ("latent", "kind"), "latent_eps": ("latent", "eps")}
 
@@ -245,7 +254,7 @@ def _check_graphs(graphs, m: dict, where: str) -> None:
     """The graphs are exactly the variant's, with the spec of the manifest's shapes, and their
     ONNX files are listed in the files table."""
     s = m["shapes"]
-    specs = graph_specs(m["variant"], s["L"], s["P"], s["D"], s["V"])
+    specs = graph_specs(m["variant"], s["L"], s["P"], s["D"], s["V"], s["W"])
     _require(isinstance(graphs, dict) and sorted(graphs) == sorted(specs), where,
              f"lists the graphs {_show(sorted(graphs) if isinstance(graphs, dict) else graphs)}, but a "
              f"{m['variant']} bundle has {sorted(specs)}")

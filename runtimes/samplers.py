@@ -33,11 +33,26 @@ from runtimes.base import Runner
 from runtimes.errors import LddmError, ShapeMismatch
 from runtimes.noise import Noise, draw_noise, latent_shape
 from runtimes.schedules import LatentSchedule, MaskSchedule, from_manifest, time_grid
-from runtimes.spec import GRAPHS_BY_VARIANT
+from runtimes.spec import GRAPHS_BY_VARIANT, HEADS
 from runtimes.trajectory import Samples, Step
 
-# The graphs a sampling loop calls: every graph of the variant but the encoder.
-GRAPHS = {variant: tuple(g for g in graphs if g != "encoder") for variant, graphs in GRAPHS_BY_VARIANT.items()}
+# The rows a sparse step gathers: u below the unmask probability times (1 + ROW_MARGIN). The
+# draw on them decides (unmasking_rows), so the margin only has to exceed the rounding of a
+# row's probability mass off the mask, |S - 1| (about V x 1e-7 at worst in float32).
+ROW_MARGIN = 1e-3
+
+
+def sampler_graphs(variant: str, head: str = "sparse") -> tuple[str, ...]:
+    """The graphs a sampling loop calls: SEQ's latent denoiser, then the token network, dense
+    (the denoiser, or SEQ's token_denoiser) or sparse (the trunk and the head)."""
+    if variant not in GRAPHS_BY_VARIANT:
+        raise LddmError(f"variant {variant!r} has no sampler; expected one of {sorted(GRAPHS_BY_VARIANT)}")
+    if head not in HEADS:
+        raise LddmError(f"head {head!r} is unknown; choose one of {', '.join(HEADS)}")
+    latent = ("latent_denoiser",) if variant == "seq" else ()
+    if head == "sparse":
+        return latent + ("trunk", "head")
+    return latent + (("token_denoiser",) if variant == "seq" else ("denoiser",))
 
 
 def token_step(x_t: torch.Tensor, log_probs: torch.Tensor, u: torch.Tensor, alpha_t: float,
@@ -74,6 +89,40 @@ def bridge_draw(x_t: torch.Tensor, log_probs: torch.Tensor, u: torch.Tensor, unm
     return torch.where(x_t == mask_id, x_new, x_t)
 
 
+def unmasking_rows(x_t: torch.Tensor, u: torch.Tensor, alpha_t: float, alpha_s: float, mask_id: int) -> torch.Tensor:
+    """The positions that can leave the mask from t to s, as flat indices into [B * L].
+
+    The network does not decide whether a masked position unmasks: the mask is the last bin
+    of the bridge's CDF, so position i unmasks when u_i <= (alpha_s - alpha_t) S_i /
+    ((alpha_s - alpha_t) S_i + 1 - alpha_s), with S_i its probability mass off the mask, which
+    is 1 up to rounding: u_i <= (alpha_s - alpha_t) / (1 - alpha_t). The rows returned are the
+    masked ones with u_i below that times (1 + ROW_MARGIN); sparse_token_step draws on them
+    exactly as token_step does, so a row inside the margin may stay masked, and the tokens are
+    token_step's whenever |S_i - 1| < ROW_MARGIN.
+
+    Returns:
+        int64 [N] (N may be 0); reading N back is the one device-to-host sync of a sparse step.
+    """
+    unmask = (alpha_s - alpha_t) / (1 - alpha_t) * (1 + ROW_MARGIN)
+    return ((x_t == mask_id) & (u < unmask)).flatten().nonzero().squeeze(1)
+
+
+def sparse_token_step(x_t: torch.Tensor, rows: torch.Tensor, row_log_probs: torch.Tensor, u: torch.Tensor,
+                      alpha_t: float, alpha_s: float, mask_id: int, float64: bool = True) -> torch.Tensor:
+    """token_step with log-probs only at `rows` (unmasking_rows): the same draw there, every
+    other position carried over (a masked one stays masked).
+
+    Args:
+        x_t: int64 [B, L]; rows: int64 [N] flat indices; row_log_probs: float32 [N, V], the
+            head at those rows; u: uniforms [B, L]; the rest as for token_step.
+    Returns:
+        int64 [B, L] tokens at time s (a new tensor).
+    """
+    x = x_t.flatten().clone()
+    x[rows] = bridge_draw(x[rows], row_log_probs, u.flatten()[rows], alpha_s - alpha_t, 1 - alpha_s, mask_id, float64)
+    return x.view_as(x_t)
+
+
 def ddim_step(y_t: torch.Tensor, y0_hat: torch.Tensor, alpha_sigma_t: tuple[float, float],
               alpha_sigma_s: tuple[float, float]) -> torch.Tensor:
     """Deterministic DDIM (eta = 0) from t to s: float32 [B, P, D] tensors, float64 scalars."""
@@ -87,14 +136,23 @@ class Sampler:
 
     Args:
         variant: "mdlm", "fuji" or "seq".
-        runners: graph name -> active Runner ("denoiser"; or "latent_denoiser" and
-            "token_denoiser" for seq), all on the same device.
-        shapes: {"L", "P", "D", "V", "mask_id"} as in the manifest.
+        runners: graph name -> active Runner, all on the same device: at least
+            sampler_graphs(variant, head).
+        shapes: {"L", "P", "D", "V", "W", "mask_id"} as in the manifest.
         mask_schedule, latent_schedule: the schedules (latent None for mdlm).
         float64_draws: categorical draws in float64 (default, as the paper) or float32.
-        cache: MDLM only: reuse the previous log_probs when the tokens did not change in the
-            previous step (MDLM's caching); costs one scalar device-to-host sync per step.
-        compile: run the token step through torch.compile: its ~10 passes over [B, L, V]
+        head: "sparse" (default): each token step runs the trunk, then the head only at the rows
+            that unmask (unmasking_rows), and a step where none does runs no graph (MDLM, SEQ's
+            token chain) or the trunk alone (FUJI, for y0_hat). "dense": the token graph's
+            log-probs at every position (the reference form, what verify compares against).
+            Both give the same tokens but where a uniform is within rounding of a CDF boundary.
+        cache: MDLM only: the network's output (dense: log_probs, sparse: the trunk's hidden
+            state) is reused while the tokens do not change, evaluated at the time of the first
+            step since they last changed (MDLM's caching); costs one device-to-host sync per step.
+        pad_rows: pad the head's rows to a power of two (the padding repeats a row, and its
+            outputs are dropped), so that runners that replay captured CUDA graphs see a few
+            shapes; None: on CUDA devices.
+        compile: run the dense token step through torch.compile: its ~10 passes over [B, L, V]
             (cast, exp, scale, cumsum, search) fuse into a few kernels, which matters on a GPU
             once the graphs are fast (on an H100 at B = 64, V = 8193 the time outside the
             graph fell from 1.6 to 0.6 ms per step, RESULTS.md).
@@ -105,12 +163,12 @@ class Sampler:
 
     def __init__(self, variant: str, runners: dict[str, Runner], shapes: dict,
                  mask_schedule: MaskSchedule, latent_schedule: LatentSchedule | None,
-                 float64_draws: bool = True, cache: bool = False, compile: bool = False):
-        if variant not in GRAPHS:
-            raise LddmError(f"variant {variant!r} has no sampler; expected one of {sorted(GRAPHS)}")
-        missing = [g for g in GRAPHS[variant] if g not in runners]
+                 float64_draws: bool = True, head: str = "sparse", cache: bool = False,
+                 pad_rows: bool | None = None, compile: bool = False):
+        graphs = sampler_graphs(variant, head)
+        missing = [g for g in graphs if g not in runners]
         if missing:
-            raise LddmError(f"the {variant} sampler needs runners for {list(GRAPHS[variant])}, "
+            raise LddmError(f"the {variant} sampler with the {head} head needs runners for {list(graphs)}, "
                             f"missing {missing}")
         if variant != "mdlm" and latent_schedule is None:
             raise LddmError(f"the {variant} sampler needs a latent schedule; the manifest has none")
@@ -118,8 +176,9 @@ class Sampler:
             raise LddmError(f"caching applies to the mdlm sampler only, not to {variant}")
         self.variant, self.runners, self.shapes = variant, runners, shapes
         self.mask_schedule, self.latent_schedule = mask_schedule, latent_schedule
-        self.float64_draws, self.cache = float64_draws, cache
-        self.device = runners[GRAPHS[variant][0]].device
+        self.float64_draws, self.head, self.cache = float64_draws, head, cache
+        self.device = runners[graphs[0]].device
+        self.pad_rows = self.device.type == "cuda" if pad_rows is None else pad_rows
         self._compiled_draw = torch.compile(bridge_draw, fullgraph=True, dynamic=False) if compile else None
         self._device_weights: dict[tuple[float, ...], tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -210,31 +269,74 @@ class Sampler:
                                          torch.tensor(stay, dtype=torch.float64, device=self.device))
         return self._device_weights[key]
 
+    def _rows(self, x, u, alphas, k) -> torch.Tensor:
+        return unmasking_rows(x, u, alphas[k], alphas[k + 1], self.shapes["mask_id"])
+
+    def _sparse_step(self, x, hidden, rows, u, alphas, k) -> torch.Tensor:
+        """The head at `rows` of the trunk's hidden [B, L, W], and the draw there."""
+        flat, n = hidden.reshape(-1, hidden.shape[-1]), rows.numel()
+        gather = rows
+        if self.pad_rows:
+            gather = torch.cat([rows, rows[:1].expand(min(1 << (n - 1).bit_length(), flat.shape[0]) - n)])
+        log_probs = self.runners["head"].infer({"hidden": flat.index_select(0, gather)})["log_probs"][:n]
+        return sparse_token_step(x, rows, log_probs, u, alphas[k], alphas[k + 1], self.shapes["mask_id"],
+                                 self.float64_draws)
+
+    def _token_update(self, k, x, feed, u, alphas, trunk_always: bool = False):
+        """One token step of FUJI or SEQ from the token network's feed.
+
+        Returns:
+            (x_s, the token graph's outputs or None when no graph ran, whether one ran).
+            trunk_always: run the trunk even when no position unmasks (FUJI needs its y0_hat).
+        """
+        if self.head == "dense":
+            out = self.runners["token_denoiser" if self.variant == "seq" else "denoiser"].infer(feed)
+            return self._token_step(x, out["log_probs"], u, alphas, k), out, True
+        rows = self._rows(x, u, alphas, k)
+        if rows.numel() == 0 and not trunk_always:
+            return x, None, False
+        out = self.runners["trunk"].infer(feed)
+        return (self._sparse_step(x, out["hidden"], rows, u, alphas, k) if rows.numel() else x), out, True
+
     def _mdlm(self, noise: Noise) -> Iterator[Step]:
+        """MDLM; with the cache, the network output `kept` was computed at grid[fresh], the first
+        step since the tokens last changed (without it, fresh is always this step)."""
         B, T = noise.batch, noise.token_steps
-        (grid, alphas), denoiser = self._token_chain(T), self.runners["denoiser"]
-        x, x_prev, log_probs = self._all_masked(B), None, None
+        grid, alphas = self._token_chain(T)
+        x, fresh, kept = self._all_masked(B), 0, None
         for k in range(T):
-            called = not (self.cache and x_prev is not None and torch.equal(x, x_prev))
-            if called:
-                log_probs = denoiser.infer({"x_t": x, "t": self._t(grid[k], B)})["log_probs"]
-            x_prev, x = x, self._token_step(x, log_probs, noise.u[k], alphas, k)
+            if not self.cache:
+                fresh, kept = k, None
+            feed = {"x_t": x, "t": self._t(grid[fresh], B)}
+            if self.head == "dense":
+                called = kept is None
+                kept = self.runners["denoiser"].infer(feed)["log_probs"] if called else kept
+                x_s = self._token_step(x, kept, noise.u[k], alphas, k)
+            else:
+                rows = self._rows(x, noise.u[k], alphas, k)
+                called = rows.numel() > 0
+                if called and kept is None:
+                    kept = self.runners["trunk"].infer(feed)["hidden"]
+                x_s = self._sparse_step(x, kept, rows, noise.u[k], alphas, k) if called else x
+            if self.cache and not torch.equal(x_s, x):
+                fresh, kept = k + 1, None
+            x = x_s
             yield Step("token", k, T, grid[k], grid[k + 1], x, None, None, called)
 
     def _fuji(self, noise: Noise) -> Iterator[Step]:
         B, T = noise.batch, noise.token_steps
         (grid, alphas), (_, alpha_sigmas) = self._token_chain(T), self._latent_chain(T)
-        denoiser, x, y = self.runners["denoiser"], self._all_masked(B), noise.y_init
+        x, y = self._all_masked(B), noise.y_init
         for k in range(T):
-            out = denoiser.infer({"x_t": x, "y_t": y, "t": self._t(grid[k], B)})
-            x = self._token_step(x, out["log_probs"], noise.u[k], alphas, k)
+            feed = {"x_t": x, "y_t": y, "t": self._t(grid[k], B)}
+            x, out, _ = self._token_update(k, x, feed, noise.u[k], alphas, trunk_always=True)
             y0_hat = out["y0_hat"].clone()  # a runner may reuse its output buffer next call
             y = ddim_step(y, y0_hat, alpha_sigmas[k], alpha_sigmas[k + 1])
             yield Step("token", k, T, grid[k], grid[k + 1], x, y, y0_hat)
 
     def _seq(self, noise: Noise, latent_steps: int) -> Iterator[Step]:
         B, T_x, T_y = noise.batch, noise.token_steps, latent_steps
-        latent_denoiser, token_denoiser = self.runners["latent_denoiser"], self.runners["token_denoiser"]
+        latent_denoiser = self.runners["latent_denoiser"]
         (grid, alpha_sigmas), x, y = self._latent_chain(T_y), self._all_masked(B), noise.y_init
         for j in range(T_y):
             y0_hat = latent_denoiser.infer({"y_t": y, "t": self._t(grid[j], B)})["y0_hat"].clone()
@@ -242,9 +344,8 @@ class Sampler:
             yield Step("latent", j, T_y, grid[j], grid[j + 1], x, y, y0_hat)
         y0, (grid, alphas) = y0_hat, self._token_chain(T_x)
         for k in range(T_x):
-            log_probs = token_denoiser.infer({"x_t": x, "y0": y0, "t": self._t(grid[k], B)})["log_probs"]
-            x = self._token_step(x, log_probs, noise.u[k], alphas, k)
-            yield Step("token", k, T_x, grid[k], grid[k + 1], x, y0, None)
+            x, _, called = self._token_update(k, x, {"x_t": x, "y0": y0, "t": self._t(grid[k], B)}, noise.u[k], alphas)
+            yield Step("token", k, T_x, grid[k], grid[k + 1], x, y0, None, called)
 
 
 def sample_batches(sampler: Sampler, seed: int, num: int, steps: int, latent_steps: int | None = None,

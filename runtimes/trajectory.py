@@ -24,7 +24,8 @@ class Step:
             None for mdlm.
         y0_hat: the network's latent estimate at this step, float32 [B, P, D]; None for mdlm and
             for SEQ token steps.
-        network_called: False when MDLM caching reused the previous step's log_probs.
+        network_called: False when the step ran no graph: MDLM's cache reused the dense
+            log_probs, or with the sparse head no position unmasked (MDLM, SEQ's token chain).
     """
 
     phase: str

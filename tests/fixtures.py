@@ -39,8 +39,10 @@ OPSET = DEFAULT_OPSET
 BATCHES = (1, 3, 8)
 TIMES = (0.001, 0.5, 0.999)
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = [ROOT / "training" / "model.py", ROOT / "lddm_export" / "export.py", ROOT / "lddm_export" / "build.py",
-           Path(__file__)]
+# What a built bundle depends on: cached bundles are rebuilt when any of these changes.
+BUILD_SOURCES = [ROOT / rel for rel in (
+    "training/model.py", "runtimes/spec.py", "runtimes/bundle.py", "lddm_export/export.py", "lddm_export/fp16.py",
+    "lddm_export/build.py", "lddm_export/manifest.py", "calibration/fp16_islands.py", "calibration/trajectories.py")]
 CORPUS = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
@@ -93,7 +95,8 @@ def cached_tiny_bundle(cache_dir: Path, variant: str, seed: int = 0, text: bool 
     Bundles of older sources (other keys) are removed when a new one is built.
     """
     key = hashlib.sha256(f"{variant}-{seed}-{text}-{sorted(TINY.items())}".encode()
-                         + b"".join(source.read_bytes() for source in SOURCES)).hexdigest()[:16]
+                         + b"".join(source.read_bytes() for source in [*BUILD_SOURCES, Path(__file__)])
+                         ).hexdigest()[:16]
     prefix = f"{variant}{'-text' if text else ''}-seed{seed}-"
     root = Path(cache_dir) / f"{prefix}{key}"
     if not (root / "manifest.json").is_file():
@@ -128,9 +131,6 @@ def copy_bundle(src: Path, dst: Path) -> Path:
     return dst
 
 
-EXPORT_SOURCES = ("export.py", "fp16.py", "build.py", "manifest.py")
-
-
 def built_example_bundle(cache_dir: Path, ckpt: Path) -> Path:
     """The real `lddm-export build` (fp32 + fp16, no engines) of a checkpoint, cached on disk.
 
@@ -139,10 +139,9 @@ def built_example_bundle(cache_dir: Path, ckpt: Path) -> Path:
     """
     from lddm_export.build import build_bundle, parse_options
 
-    exporter = ROOT / "lddm_export"
     digest = hashlib.sha256(sha256_file(ckpt).encode())
-    for name in EXPORT_SOURCES:
-        digest.update((exporter / name).read_bytes())
+    for source in BUILD_SOURCES:
+        digest.update(source.read_bytes())
     out = Path(cache_dir) / f"{ckpt.stem}-{digest.hexdigest()[:16]}"
     if not (out / "manifest.json").is_file():
         build_bundle(ckpt, out, parse_options("fp32,fp16", engines="off", force=True), log=lambda line: None)
@@ -178,7 +177,7 @@ def exported(variant: str) -> dict:
 
     model = random_model(variant)
     cfg = model.cfg
-    specs = graph_specs(variant, cfg.seq_len, cfg.n_latent, cfg.latent_dim, cfg.total_vocab)
+    specs = graph_specs(variant, cfg.seq_len, cfg.n_latent, cfg.latent_dim, cfg.total_vocab, cfg.width)
     graphs = {}
     for name, module in graph_modules(model).items():
         fp32 = export_graph(module, specs[name], cfg.total_vocab, OPSET)

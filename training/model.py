@@ -139,9 +139,13 @@ class FinalLayer(nn.Module):
         for p in (self.ada[1].weight, self.ada[1].bias, self.linear.weight, self.linear.bias):
             nn.init.zeros_(p)
 
-    def forward(self, x, c):
+    def modulated(self, x, c):
+        """The head's input: the normed, adaLN-modulated hidden state (B, N, W)."""
         shift, scale = self.ada(c)[:, None].chunk(2, dim=-1)  # 2 x (B, 1, W)
-        return self.linear(modulate(self.norm(x), shift, scale))
+        return modulate(self.norm(x), shift, scale)
+
+    def forward(self, x, c):
+        return self.linear(self.modulated(x, c))
 
 
 def subs_log_probs(logits: torch.Tensor, mask_id: int) -> torch.Tensor:
@@ -151,6 +155,15 @@ def subs_log_probs(logits: torch.Tensor, mask_id: int) -> torch.Tensor:
     vocab = torch.arange(logits.shape[-1], device=logits.device)
     penalty = torch.where(vocab == mask_id, MASK_LOGIT_PENALTY, 0.0)
     return torch.log_softmax(logits.float() + penalty, dim=-1)
+
+
+def head_log_probs(head: FinalLayer, hidden: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """The token head after its modulation: hidden (..., W) -> SUBS log-probs (..., V).
+
+    The dense token graphs end in exactly this, so the sparse head (the "head" graph, on the
+    rows that unmask) computes what they compute at those rows.
+    """
+    return subs_log_probs(head.linear(hidden), mask_id)
 
 
 # ----------------------------------------------------------------------------- networks
@@ -184,9 +197,16 @@ class TokenDenoiser(nn.Module):
         self.backbone = Backbone(cfg, cfg.depth, 1, torch.arange(cfg.seq_len), causal)
         self.head = FinalLayer(cfg.width, cfg.cond_dim, cfg.total_vocab)
 
-    def forward(self, x_t, t):  # (B, L) int64, (B,) -> (B, L, V)
+    @property
+    def token_head(self) -> FinalLayer:  # the name JointDenoiser has (the state_dict keeps "head")
+        return self.head
+
+    def hidden(self, x_t, t):  # (B, L) int64, (B,) -> (B, L, W), the head's input
         (h,), c = self.backbone([self.embed(x_t)], t)
-        return subs_log_probs(self.head(h, c), self.mask_id)
+        return self.head.modulated(h, c)
+
+    def forward(self, x_t, t):  # -> (B, L, V)
+        return head_log_probs(self.head, self.hidden(x_t, t), self.mask_id)
 
 
 class JointDenoiser(nn.Module):
@@ -205,11 +225,14 @@ class JointDenoiser(nn.Module):
         self.token_head = FinalLayer(cfg.width, cfg.cond_dim, cfg.total_vocab)
         self.latent_head = FinalLayer(cfg.width, cfg.cond_dim, cfg.latent_dim) if latent_head else None
 
-    def forward(self, x_t, y, t):  # (B, L), (B, P, D), (B,)
+    def hidden(self, x_t, y, t):  # (B, L), (B, P, D), (B,) -> the token head's input (B, L, W), y0_hat
         (h_x, h_y), c = self.backbone([self.embed(x_t), self.latent_in(y)], t)
-        log_probs = subs_log_probs(self.token_head(h_x, c), self.mask_id)  # (B, L, V)
         y0_hat = self.latent_head(h_y, c) if self.latent_head is not None else None  # (B, P, D)
-        return log_probs, y0_hat
+        return self.token_head.modulated(h_x, c), y0_hat
+
+    def forward(self, x_t, y, t):  # -> log-probs (B, L, V), y0_hat (B, P, D) or None
+        hidden, y0_hat = self.hidden(x_t, y, t)
+        return head_log_probs(self.token_head, hidden, self.mask_id), y0_hat
 
 
 class LatentDenoiser(nn.Module):
@@ -352,6 +375,43 @@ class MdlmDenoiserGraph(nn.Module):
         return self.denoiser(x_t, t)
 
 
+class MdlmTrunkGraph(nn.Module):
+    """The token graphs up to their head's input, hidden (B, L, W); FUJI's also gives y0_hat."""
+
+    def __init__(self, model: LDDM):
+        super().__init__()
+        self.network = token_network(model)
+
+    def forward(self, x_t, t):
+        return self.network.hidden(x_t, t)
+
+
+class FujiTrunkGraph(MdlmTrunkGraph):
+    def forward(self, x_t, y_t, t):
+        return self.network.hidden(x_t, y_t, t)
+
+
+class SeqTrunkGraph(MdlmTrunkGraph):
+    def forward(self, x_t, y0, t):
+        return self.network.hidden(x_t, y0, t)[0]
+
+
+class HeadGraph(nn.Module):
+    """The token head on gathered rows: hidden (N, W) -> log-probs (N, V)."""
+
+    def __init__(self, model: LDDM):
+        super().__init__()
+        self.head, self.mask_id = token_network(model).token_head, model.cfg.mask_id
+
+    def forward(self, hidden):
+        return head_log_probs(self.head, hidden, self.mask_id)
+
+
+def token_network(model: LDDM) -> nn.Module:
+    """The network whose head gives the token log-probs: the denoiser, or SEQ's token denoiser."""
+    return model.token_denoiser if model.cfg.variant == "seq" else model.denoiser
+
+
 # The torch wrapper of each exported graph; which graphs a variant has, and in what order,
 # is runtimes.spec's table.
 _WRAPPERS: dict[tuple[str, str], type[nn.Module]] = {
@@ -359,6 +419,8 @@ _WRAPPERS: dict[tuple[str, str], type[nn.Module]] = {
     ("fuji", "encoder"): EncoderGraph, ("fuji", "denoiser"): FujiDenoiserGraph,
     ("seq", "encoder"): EncoderGraph, ("seq", "latent_denoiser"): LatentDenoiserGraph,
     ("seq", "token_denoiser"): TokenDenoiserGraph,
+    ("mdlm", "trunk"): MdlmTrunkGraph, ("fuji", "trunk"): FujiTrunkGraph, ("seq", "trunk"): SeqTrunkGraph,
+    **{(variant, "head"): HeadGraph for variant in ("mdlm", "fuji", "seq")},
 }
 GRAPHS_BY_VARIANT: dict[str, dict[str, type[nn.Module]]] = {
     variant: {graph: _WRAPPERS[variant, graph] for graph in graphs} for variant, graphs in GRAPH_NAMES.items()}

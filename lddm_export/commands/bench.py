@@ -12,6 +12,7 @@ import click
 from lddm_export.commands.numbers import Int
 from runtimes.fileio import check_input_file, check_target, write_json
 from runtimes.options import MAX_BATCH, MAX_STEPS, MAX_THREADS, parse_int_list
+from runtimes.spec import HEADS
 
 MAX_REPEAT = 1000
 
@@ -31,9 +32,11 @@ MAX_REPEAT = 1000
 @click.option("--cuda-graph/--no-cuda-graph", default=None, help="torch/trt on CUDA: replay CUDA graphs")
 @click.option("--compile", "compile_", is_flag=True,
               help="torch.compile the sampler's token step (and the torch backend's modules)")
+@click.option("--head", type=click.Choice(HEADS), default="sparse", show_default=True,
+              help="the runtime's token head: log-probs only where tokens unmask (sparse), or everywhere")
 @click.option("--json", "json_path", default=None, help="also write the rows as JSON to this file")
 def command(bundle_dir, backend, precision, device, batch_text, steps, latent_steps, repeat, threads, ckpt,
-            cuda_graph, compile_, json_path):
+            cuda_graph, compile_, head, json_path):
     """Time the sampling loop per step: the runtime vs the torch eager reference sampler."""
     from lddm_export.bench import bench_bundle, format_table
     from runtimes.backends import check_choice
@@ -47,7 +50,7 @@ def command(bundle_dir, backend, precision, device, batch_text, steps, latent_st
     check_choice(backend, precision, device)
     bundle = Bundle.open(bundle_dir)
     rows = bench_bundle(bundle, backend, precision, device, batches, steps, latent_steps, repeat, threads, ckpt,
-                        cuda_graph, compile_)
+                        cuda_graph, compile_, head=head)
     click.echo(format_table(rows))
     if json_path:
         write_json(json_path, rows, "--json")

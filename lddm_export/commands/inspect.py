@@ -38,7 +38,8 @@ def describe(root: Path, m: dict, changed: list[str] | None = None) -> str:
     tok = m["tokenizer"]
     summary = [
         ["variant", m["variant"]],
-        ["shapes", f"L={s['L']} P={s['P']} D={s['D']} V={s['V']} mask_id={s['mask_id']}"],
+        ["shapes", f"L={s['L']} P={s['P']} D={s['D']} V={s['V']} W={s['W']} mask_id={s['mask_id']}"],
+        ["sparse head", f"{m['head']} (log-probs only where tokens unmask)"],
         ["schedule", f"mask {sched['mask']['kind']} (eps {sched['mask']['eps']}), "
                      f"latent {sched['latent']['kind']} (eps {sched['latent']['eps']})"],
         ["opset", m.get("opset", "?")],

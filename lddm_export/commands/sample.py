@@ -21,6 +21,7 @@ from lddm_export.commands.numbers import Int
 from runtimes.errors import LddmError, ShapeMismatch
 from runtimes.fileio import check_input_file, check_target, write_atomic
 from runtimes.options import MAX_BATCH, MAX_SAMPLES, MAX_SEED, MAX_STEPS, MAX_THREADS, check_job
+from runtimes.spec import HEADS
 
 SUFFIXES = (".npy", ".jsonl")
 
@@ -66,13 +67,15 @@ def write_samples(out: Path, tokens: np.ndarray, texts: list[str | None]) -> Non
 @click.option("--compile", "compile_", is_flag=True,
               help="torch.compile the sampler's token step (and the torch backend's modules)")
 @click.option("--threads", type=Int(1, MAX_THREADS), default=None, help="ort on the CPU: intra-op threads per graph")
+@click.option("--head", type=click.Choice(HEADS), default="sparse", show_default=True,
+              help="log-probs only where tokens unmask (sparse), or at every position (dense, the reference form)")
 def command(bundle_dir, backend, precision, device, steps, latent_steps, num, batch_size, seed, out, ckpt,
-            float32_draws, cache, cuda_graph, compile_, threads):
+            float32_draws, cache, cuda_graph, compile_, threads, head):
     """Sample token ids (and text) from a bundle."""
     from runtimes.backends import check_choice, make_runners
     from runtimes.bundle import Bundle
     from runtimes.progress import progress
-    from runtimes.samplers import GRAPHS, Sampler, sample_batches
+    from runtimes.samplers import Sampler, sample_batches, sampler_graphs
     from runtimes.schedules import latent_steps_for
     from runtimes.tokenizer import TextDecoder
     from training.checkpoint import load_reference_graphs
@@ -93,11 +96,12 @@ def command(bundle_dir, backend, precision, device, steps, latent_steps, num, ba
     check_job(num, batch_size, steps, latent_steps, bundle.shapes)
     decoder = TextDecoder(bundle.manifest["tokenizer"])
     runners = make_runners(bundle, backend, precision, device, ckpt=ckpt,
-                           graphs=list(GRAPHS[bundle.variant]), cuda_graph=cuda_graph, threads=threads,
+                           graphs=list(sampler_graphs(bundle.variant, head)), cuda_graph=cuda_graph, threads=threads,
                            compile=compile_ and backend == "torch", reference=load_reference_graphs)
     for runner in runners.values():
         runner.activate()
-    sampler = Sampler.from_bundle(bundle, runners, float64_draws=not float32_draws, cache=cache, compile=compile_)
+    sampler = Sampler.from_bundle(bundle, runners, float64_draws=not float32_draws, head=head, cache=cache,
+                                  compile=compile_)
     n_batches = -(-num // batch_size)
     with progress(n_batches * (steps + (latent_steps or 0)), f"sample {bundle.variant} ({backend})") as bar:
         result = sample_batches(sampler, seed, num, steps, latent_steps, batch_size,

@@ -7,6 +7,7 @@ from lddm_export.build import parse_precisions
 from lddm_export.commands.numbers import Int
 from runtimes.fileio import check_input_file, check_target
 from runtimes.options import MAX_SAMPLES, MAX_SEED, MAX_STEPS, check_job
+from runtimes.spec import HEADS
 
 
 @click.command("verify")
@@ -24,8 +25,11 @@ from runtimes.options import MAX_SAMPLES, MAX_SEED, MAX_STEPS, check_job
 @click.option("--evaluator", type=click.Path(path_type=str), default=None,
               help="text bundles: an AR checkpoint (lddm-train --variant ar) with the bundle's tokenizer, "
                    "which scores samples by generative perplexity")
+@click.option("--head", type=click.Choice(HEADS), default="sparse", show_default=True,
+              help="the token head of the sampler under test (levels 2, 3); the torch reference is dense")
 @click.option("--json", "json_path", type=click.Path(path_type=str), default=None, help="also write the report here")
-def command(bundle_dir, ckpt, backend, precisions, device, steps, latent_steps, samples, seed, evaluator, json_path):
+def command(bundle_dir, ckpt, backend, precisions, device, steps, latent_steps, samples, seed, evaluator, head,
+            json_path):
     """Check a bundle against its checkpoint: per graph, per trajectory, per distribution.
 
     Prints every measured value beside its threshold, writes parity.json into the bundle and
@@ -41,7 +45,7 @@ def command(bundle_dir, ckpt, backend, precisions, device, steps, latent_steps, 
     if json_path:
         check_target(json_path, "--json")
     options = VerifyOptions(backend=backend, precisions=precisions, device=device, seed=seed, steps=steps,
-                            latent_steps=latent_steps, distribution_samples=samples, evaluator=evaluator)
+                            latent_steps=latent_steps, distribution_samples=samples, evaluator=evaluator, head=head)
     manifest = read_manifest(bundle_dir)
     check_job(samples, options.batch_size, steps, latent_steps_for(manifest["variant"], steps, latent_steps),
               manifest["shapes"])

@@ -100,7 +100,6 @@ def make_runners(bundle: Bundle, backend: str, precision: str = "fp32", device: 
     if compile and backend != "torch":
         raise BackendUnavailable(f"--compile applies to the torch backend only, got --backend {backend}; drop it")
     graphs = bundle.graph_names if graphs is None else graphs
-    max_batch = bundle.manifest["batch_profile"]["max"]
     if backend == "torch":
         from runtimes.backends.torch_runner import CheckpointModules, TorchRunner
         if reference is None:
@@ -109,11 +108,13 @@ def make_runners(bundle: Bundle, backend: str, precision: str = "fp32", device: 
                                      "to make_runners, or choose --backend ort")
         modules = CheckpointModules(bundle, reference, ckpt)
         return {g: TorchRunner(bundle, g, str(parsed), modules, use_cuda_graph=bool(cuda_graph),
-                               max_batch=max_batch, precision=precision, compile=compile) for g in graphs}
+                               max_batch=bundle.profile(g)["max"], precision=precision, compile=compile)
+                for g in graphs}
     if backend in ("ort", "ort-trt"):
         from runtimes.backends.ort_runner import OrtRunner
         provider = "tensorrt" if backend == "ort-trt" else None
-        return {g: OrtRunner(bundle, g, precision, str(parsed), provider, max_batch, threads) for g in graphs}
+        return {g: OrtRunner(bundle, g, precision, str(parsed), provider, bundle.profile(g)["max"], threads)
+                for g in graphs}
     from runtimes.backends.trt_runner import TrtRunner
     return {g: TrtRunner(bundle, g, precision, str(parsed), use_cuda_graph=cuda_graph is not False,
                          clone_outputs=False) for g in graphs}

@@ -42,7 +42,8 @@ NUMPY_DTYPES = {"int64": np.int64, "float32": np.float32}
 
 
 def trt_profile_options(spec: GraphSpec, profile: dict) -> dict[str, str]:
-    """The TensorRT provider's optimisation profile for a batch profile {"min", "opt", "max"}.
+    """The TensorRT provider's optimisation profile for a profile {"min", "opt", "max"} of the
+    graph's dynamic axis (Bundle.profile).
 
     Returns:
         e.g. {"trt_profile_min_shapes": "x_t:1x128,t:1", "trt_profile_opt_shapes": "x_t:8x128,t:8",
@@ -71,7 +72,7 @@ class OrtRunner(Runner):
         precision: "fp32" or "fp16" (which ONNX file; the graph's edges are float32 either way).
         device: "cpu" or "cuda[:i]".
         provider: "cpu", "cuda" or "tensorrt"; None picks "cpu" on the CPU and "cuda" on a GPU.
-        max_batch: the largest batch accepted (the bundle's batch profile), or None.
+        max_batch: the largest batch (or head rows) accepted (Bundle.profile's max), or None.
         threads: intra-op threads of the session (CPU), or None for onnxruntime's default.
     """
 
@@ -89,7 +90,7 @@ class OrtRunner(Runner):
                                      f"{self.device}; use the cpu provider with --device cpu, cuda/tensorrt with cuda")
         self.path = bundle.onnx_path(graph, precision)
         self.precision, self.threads = precision, threads
-        self.profile = bundle.manifest["batch_profile"]
+        self.profile = bundle.profile(graph)
         self.session = self._stream = None
 
     def provider_options(self, stream: int | None) -> list:

@@ -187,7 +187,8 @@ class TrtRunner(Runner):
         onnx_hash = onnx_sha256(self.bundle.onnx_path(self.graph, self.precision))
         entry = select_engine_entry(self.bundle.root, self.bundle.manifest["engines"], self.graph,
                                     self.precision, onnx_hash, trt.__version__, gpu)
-        self.min_batch, self.max_batch = entry["profile"]["min"], entry["profile"]["max"]
+        profile = self.bundle.profile(self.graph, entry["profile"])   # the head's rows: from the batch profile
+        self.min_batch, self.max_batch = profile["min"], profile["max"]
         path = self.bundle.root / entry["file"]
         with torch.cuda.device(self.device):
             self._runtime = trt.Runtime(tensorrt_logger())

@@ -70,16 +70,19 @@ def leftovers(parent: Path, name: str) -> list[str]:
 def test_bundle_layout_and_manifest(bundle, ckpt):
     b = Bundle.open(bundle)  # runtimes' reader: schema and every file's sha256
     m = b.manifest
+    onnx_files = [f"onnx/{g}.{p}.onnx" for g in ("denoiser", "head", "trunk") for p in ("fp16", "fp32")]
     assert sorted(p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file()) == [
-        "manifest.json", "onnx/denoiser.fp16.onnx", "onnx/denoiser.fp32.onnx"]
-    assert m["files"] == {rel: sha256_file(bundle / rel) for rel in ("onnx/denoiser.fp16.onnx", "onnx/denoiser.fp32.onnx")}
+        "manifest.json", *onnx_files]
+    assert m["files"] == {rel: sha256_file(bundle / rel) for rel in onnx_files}
     assert m["checkpoint"] == {"path": str(ckpt.resolve()), "sha256": sha256_file(ckpt)}
-    assert m["shapes"] == {"L": 16, "P": 2, "D": 4, "V": 6, "mask_id": 5}
+    assert m["shapes"] == {"L": 16, "P": 2, "D": 4, "V": 6, "W": 32, "mask_id": 5} and m["head"] == "trunk+head"
     assert m["schedule"] == {"mask": {"kind": "loglinear", "eps": 0.001}, "latent": {"kind": "sqrt", "eps": 0.0001}}
     assert m["batch_profile"] == {"min": 1, "opt": 4, "max": 16} and m["opset"] == build.DEFAULT_OPSET and m["engines"] == []
     assert m["tokenizer"] is None and m["config"]["variant"] == "mdlm"
     assert {"torch", "onnx", "onnxruntime", "lddm_export"} <= set(m["tools"])
     assert m["graphs"]["denoiser"]["outputs"] == [{"name": "log_probs", "dtype": "float32", "shape": ["B", 16, 6]}]
+    assert m["graphs"]["trunk"]["outputs"] == [{"name": "hidden", "dtype": "float32", "shape": ["B", 16, 32]}]
+    assert m["graphs"]["head"]["inputs"] == [{"name": "hidden", "dtype": "float32", "shape": ["N", 32]}]
 
 
 def test_onnx_files_record_their_config(bundle):
@@ -317,20 +320,23 @@ def test_engine_bookkeeping_keeps_other_machines_engines(workdir, ckpt, monkeypa
 
     build_for(server, "10.13.0", b"server", "fp32,fp16")
     m = build_for(jetson, "10.3.0", b"jetson", "fp16")
-    engine_files = {(e["gpu_name"], e["precision"], e["trt_version"]): e["file"] for e in m["engines"]}
-    assert sorted(engine_files) == [("NVIDIA H100 80GB HBM3", "fp16", "10.13.0"),
-                                    ("NVIDIA H100 80GB HBM3", "fp32", "10.13.0"), ("Orin", "fp16", "10.3.0")]
+    graphs = ("denoiser", "trunk", "head")   # an mdlm bundle's
+    engine_files = {(e["graph"], e["gpu_name"], e["precision"], e["trt_version"]): e["file"] for e in m["engines"]}
+    assert sorted(engine_files) == sorted((g, *k) for g in graphs for k in [
+        ("NVIDIA H100 80GB HBM3", "fp16", "10.13.0"), ("NVIDIA H100 80GB HBM3", "fp32", "10.13.0"),
+        ("Orin", "fp16", "10.3.0")])
     assert sorted(p.name for p in (out / "engines").iterdir()) == sorted(Path(f).name for f in engine_files.values())
     assert all(f in m["files"] for f in engine_files.values())
 
     m = build_for(jetson, "10.3.0", b"jetson, rebuilt", "fp16")  # same GPU and version: replaced, not added
-    assert len(m["engines"]) == 3 and m["tools"]["tensorrt"] == "10.3.0"
-    assert (out / engine_files[("Orin", "fp16", "10.3.0")]).read_bytes() == b"jetson, rebuilt"
-    assert (out / engine_files[("NVIDIA H100 80GB HBM3", "fp32", "10.13.0")]).read_bytes() == b"server"
+    assert len(m["engines"]) == 3 * len(graphs) and m["tools"]["tensorrt"] == "10.3.0"
+    assert (out / engine_files[("head", "Orin", "fp16", "10.3.0")]).read_bytes() == b"jetson, rebuilt"
+    assert (out / engine_files[("trunk", "NVIDIA H100 80GB HBM3", "fp32", "10.13.0")]).read_bytes() == b"server"
 
     m = build_for(jetson, "10.4.0", b"jetson, newer TensorRT", "fp16")  # another version: both kept
-    assert sorted(e["trt_version"] for e in m["engines"] if e["gpu_name"] == "Orin") == ["10.3.0", "10.4.0"]
-    assert len(list((out / "engines").iterdir())) == 4
+    assert sorted(e["trt_version"] for e in m["engines"] if e["gpu_name"] == "Orin" and e["graph"] == "head") == [
+        "10.3.0", "10.4.0"]
+    assert len(list((out / "engines").iterdir())) == 4 * len(graphs)
 
 
 @pytest.mark.trt
@@ -353,9 +359,9 @@ def test_engines_are_built_hashed_and_listed(workdir, ckpt):
 def test_inspect_shows_the_manifest(bundle):
     result = CliRunner().invoke(cli, ["inspect", str(bundle)])
     assert result.exit_code == 0, result.output
-    for text in ("L=16 P=2 D=4 V=6 mask_id=5", "x_t int64[B,16], t float32[B]",
-                 "log_probs float32[B,16,6]", "fp32: onnx/denoiser.fp32.onnx (", "engines: none",
-                 "2 files, all match their sha256", "onnxruntime"):
+    for text in ("L=16 P=2 D=4 V=6 W=32 mask_id=5", "x_t int64[B,16], t float32[B]",
+                 "log_probs float32[B,16,6]", "fp32: onnx/denoiser.fp32.onnx (", "hidden float32[N,32]",
+                 "trunk+head", "engines: none", "6 files, all match their sha256", "onnxruntime"):
         assert text in result.output, text
     assert re.search(r"variant\s+mdlm", result.output)
     assert re.search(r"fp16 calibration\s+(yes|no)", result.output)
@@ -374,7 +380,7 @@ def test_inspect_lists_engines(bundle, tmp_path):
     write_manifest(copy, {**read_manifest(copy), "engines": [entry]})
     output = CliRunner().invoke(cli, ["inspect", str(copy)]).output
     assert "engines/denoiser.fp16.orin-sm87.trt10.3.0.plan (2.00 MB)  10.3.0    Orin (sm 8.7)  1/8/64" in output
-    assert "3 files, all match their sha256" in output
+    assert "7 files, all match their sha256" in output
 
 
 def test_inspect_of_a_non_bundle(tmp_path, capsys):
@@ -391,8 +397,8 @@ def test_inspect_of_a_bundle_with_a_changed_file_shows_it_and_exits_1(bundle, tm
         main(["inspect", str(copy)])
     out, err = capsys.readouterr()
     assert info.value.code == 1
-    assert "1 of 2 files missing or changed since the build: ['onnx/denoiser.fp32.onnx']" in out  # the tables
-    assert err == (f"lddm-export: error: bundle {copy}: 1 of 2 files are missing or changed since the build "
+    assert "1 of 6 files missing or changed since the build: ['onnx/denoiser.fp32.onnx']" in out  # the tables
+    assert err == (f"lddm-export: error: bundle {copy}: 1 of 6 files are missing or changed since the build "
                    f"(onnx/denoiser.fp32.onnx); rebuild it with lddm-export build\n")
 
 

@@ -17,7 +17,9 @@ from training.model import graph_modules
 # Written out (not derived from GRAPHS_BY_VARIANT): test_coverage.py checks that this list
 # covers every exported (variant, graph) pair.
 FP32_PARITY_CASES = [("mdlm", "denoiser"), ("fuji", "encoder"), ("fuji", "denoiser"),
-                     ("seq", "encoder"), ("seq", "latent_denoiser"), ("seq", "token_denoiser")]
+                     ("seq", "encoder"), ("seq", "latent_denoiser"), ("seq", "token_denoiser"),
+                     ("mdlm", "trunk"), ("fuji", "trunk"), ("seq", "trunk"),
+                     ("mdlm", "head"), ("fuji", "head"), ("seq", "head")]
 
 
 def assert_fp32_parity(name: str, fp32: onnx.ModelProto, module: torch.nn.Module, spec, vocab: int) -> int:
@@ -37,7 +39,7 @@ def assert_fp32_parity(name: str, fp32: onnx.ModelProto, module: torch.nn.Module
 def test_fp32_graph_matches_torch(variant, graph):
     g = exported(variant)[graph]
     runs = assert_fp32_parity(f"{variant}/{graph}", g["fp32"], g["module"], g["spec"], 6)
-    assert runs == (3 if graph == "encoder" else 9)
+    assert runs == (3 if graph in ("encoder", "head") else 9)   # no t: one run per batch
 
 
 @pytest.mark.parametrize("variant", ["fuji", "seq"])
@@ -46,11 +48,11 @@ def test_chunk_layout_graphs_match_torch(variant):
     # positions (other rotary constants) export as faithfully as the slot layout.
     model = random_model(variant, n_latent=4, latent_layout="chunks")
     cfg = model.cfg
-    specs = graph_specs(variant, cfg.seq_len, cfg.n_latent, cfg.latent_dim, cfg.total_vocab)
+    specs = graph_specs(variant, cfg.seq_len, cfg.n_latent, cfg.latent_dim, cfg.total_vocab, cfg.width)
     for name, module in graph_modules(model).items():
         fp32 = export.export_graph(module, specs[name], cfg.total_vocab, OPSET)
         runs = assert_fp32_parity(f"{variant}/{name} chunks", fp32, module, specs[name], cfg.total_vocab)
-        assert runs == (3 if name == "encoder" else 9)
+        assert runs == (3 if name in ("encoder", "head") else 9)
 
 
 @pytest.mark.parametrize("variant,graph", FP32_PARITY_CASES)
@@ -58,7 +60,7 @@ def test_batch_is_the_only_symbolic_dim(variant, graph):
     g = exported(variant)[graph]
     for value, spec in zip([*g["fp32"].graph.input, *g["fp32"].graph.output], [*g["spec"].inputs, *g["spec"].outputs]):
         dims = value.type.tensor_type.shape.dim
-        assert dims[0].dim_param == "B" and not dims[0].HasField("dim_value")
+        assert dims[0].dim_param == ("N" if graph == "head" else "B") and not dims[0].HasField("dim_value")
         assert [d.dim_value for d in dims[1:]] == list(spec.shape[1:])
         assert all(not d.dim_param for d in dims[1:])
 

@@ -17,7 +17,9 @@ FLOAT, HALF = TensorProto.FLOAT, TensorProto.FLOAT16
 # Written out (not derived from GRAPHS_BY_VARIANT): test_coverage.py checks that this list
 # covers every exported (variant, graph) pair.
 FP16_PARITY_CASES = [("mdlm", "denoiser"), ("fuji", "encoder"), ("fuji", "denoiser"),
-                     ("seq", "encoder"), ("seq", "latent_denoiser"), ("seq", "token_denoiser")]
+                     ("seq", "encoder"), ("seq", "latent_denoiser"), ("seq", "token_denoiser"),
+                     ("mdlm", "trunk"), ("fuji", "trunk"), ("seq", "trunk"),
+                     ("mdlm", "head"), ("fuji", "head"), ("seq", "head")]
 
 
 @pytest.mark.parametrize("variant,graph", FP16_PARITY_CASES)
@@ -40,7 +42,7 @@ def test_edges_stay_float32_and_int64(variant, graph):
     g = exported(variant)[graph]
     for value, spec in zip([*g["fp16"].graph.input, *g["fp16"].graph.output], [*g["spec"].inputs, *g["spec"].outputs]):
         assert value.type.tensor_type.elem_type == (TensorProto.INT64 if spec.dtype == "int64" else FLOAT)
-        assert value.type.tensor_type.shape.dim[0].dim_param == "B"
+        assert value.type.tensor_type.shape.dim[0].dim_param == g["spec"].dynamic_axis
 
 
 def _input_types(model: onnx.ModelProto, op_types: set[str] | None = None, names: set[str] | None = None):

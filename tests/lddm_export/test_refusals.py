@@ -63,7 +63,7 @@ def test_build_into_an_unwritable_place_is_refused(bundles, tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- properties
 
-MANIFEST_KEYS = ("format", "version", "variant", "config", "shapes", "schedule", "graphs", "batch_profile",
+MANIFEST_KEYS = ("format", "version", "variant", "config", "shapes", "schedule", "graphs", "head", "batch_profile",
                  "engines", "tokenizer", "checkpoint", "files", "tools")
 json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=8),
                            lambda children: st.lists(children, max_size=3)
@@ -108,7 +108,7 @@ def test_manifest_that_is_not_json_is_a_bundle_error(good_manifest, tmp_path_fac
     pytest.fail(f"{raw!r} was accepted as a manifest")
 
 
-SPEC = graph_specs("fuji", 8, 2, 4, 5)["denoiser"]
+SPEC = graph_specs("fuji", 8, 2, 4, 5, 8)["denoiser"]
 DTYPES = [torch.int64, torch.int32, torch.float32, torch.float16, torch.float64]
 
 

@@ -59,7 +59,7 @@ def test_good_bundle_passes_and_writes_parity_json(built):
     report = verify_bundle(bundle, ckpt, FAST, log=lambda line: None)
     assert report["passed"] and not report["failures"]
     written = json.loads((bundle / "parity.json").read_text())
-    assert set(written["graphs"]["fp32"]) == {"encoder", "latent_denoiser", "token_denoiser"}
+    assert set(written["graphs"]["fp32"]) == {"encoder", "latent_denoiser", "token_denoiser", "trunk", "head"}
     assert written["trajectory"]["fp32"]["final_token_agreement"] >= 0.999
     assert written["graphs"]["fp16"]["token_denoiser"]["outputs"]["log_probs"]["kl"] is not None
 

@@ -27,7 +27,7 @@ from runtimes.backends.trt_runner import TrtRunner, bind_context, capture_graph
 from runtimes.bundle import Bundle, sha256_file
 from runtimes.cuda_util import GpuIdentity, cache_root, onnx_sha256
 from runtimes.errors import BackendUnavailable, EngineBuildError
-from test_tensorrt import PROFILE, L, V, feed, make_bundle, tiny_denoiser, write_manifest
+from test_tensorrt import PROFILE, L, V, feed, make_bundle, tiny_graph, write_manifest
 
 GPU = GpuIdentity("Recording GPU", "8.7")
 
@@ -141,7 +141,7 @@ def test_the_default_timing_cache_is_in_the_users_cache_directory(tmp_path, monk
 def _external_data_bundle(root: Path) -> Path:
     """make_bundle, with the fp32 graph's weights moved to onnx/denoiser.fp32.onnx.data."""
     make_bundle(root)
-    onnx.save_model(tiny_denoiser(fp16=False), str(root / "onnx/denoiser.fp32.onnx"), save_as_external_data=True,
+    onnx.save_model(tiny_graph("denoiser", fp16=False), str(root / "onnx/denoiser.fp32.onnx"), save_as_external_data=True,
                     all_tensors_to_one_file=True, location="denoiser.fp32.onnx.data", size_threshold=0)
     write_manifest(root, _manifest(root))
     return root

@@ -178,7 +178,7 @@ def test_float32_draws_match_the_reference_float32_option(bundle):
 def test_mdlm_caching_matches_the_reference_and_skips_calls(bundle_cache):  # noqa: F811
     bundle = Bundle.open(cached_tiny_bundle(bundle_cache, "mdlm"))
     # Many steps on a batch of one: most steps unmask nothing, so the cache is hit.
-    sampler, steps = active_sampler(bundle, "torch", cache=True), 64
+    sampler, steps = active_sampler(bundle, "torch", head="dense", cache=True), 64
     trajectory = list(sampler.steps(noise_for(bundle, 5, batch=1, steps=steps)))
     ref = reference(bundle, 5, batch=1, steps=steps, cache=True)
     assert torch.equal(trajectory[-1].x, ref.tokens)
@@ -362,8 +362,8 @@ def test_compiled_torch_runner_computes_what_the_eager_one_does(bundle_cache):  
                     graph_tolerances("fp32", eager.spec.output_names))
     noise = noise_for(bundle, 4)
     torch._dynamo.utils.counters.clear()
-    ours = Sampler.from_bundle(bundle, {"denoiser": compiled}, compile=True).sample(noise)
-    ref = Sampler.from_bundle(bundle, {"denoiser": eager}).sample(noise)
+    ours = Sampler.from_bundle(bundle, {"denoiser": compiled}, head="dense", compile=True).sample(noise)
+    ref = Sampler.from_bundle(bundle, {"denoiser": eager}, head="dense").sample(noise)
     assert (ours.tokens == ref.tokens).double().mean().item() >= TOKEN_AGREEMENT
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2  # the module and the token step
 

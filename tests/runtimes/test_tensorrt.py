@@ -2,9 +2,10 @@
 (these run everywhere), and real engine builds compared with ONNX Runtime (marker trt: these run
 where tensorrt imports and a CUDA GPU exists).
 
-The engines are built from a tiny hand-written ONNX graph with the MDLM denoiser's signature
-(x_t int64 [B, L], t float32 [B] -> log_probs float32 [B, L, V]) in FP32 and in FP16 with casts
-at its edges, so these tests depend on nothing but onnx.
+The engines are built from tiny hand-written ONNX graphs with the MDLM graphs' signatures
+(denoiser: x_t int64 [B, L], t float32 [B] -> log_probs float32 [B, L, V]; trunk: the same
+inputs -> hidden [B, L, W]; head: hidden [N, W] -> log_probs [N, V]; W = V) in FP32 and in FP16
+with casts at their edges, so these tests depend on nothing but onnx.
 """
 from __future__ import annotations
 
@@ -33,14 +34,21 @@ PROFILE = {"min": 1, "opt": 2, "max": 4}
 
 # --- a tiny bundle
 
-def tiny_denoiser(fp16: bool, hidden: int = 0) -> onnx.ModelProto:
-    """log_probs = log_softmax(E[x_t] + t * w): FP16 compute between casts when fp16.
+def tiny_graph(graph: str, fp16: bool, hidden: int = 0) -> onnx.ModelProto:
+    """denoiser: log_probs = log_softmax(E[x_t] + t * w), FP16 compute between casts when fp16;
+    trunk: hidden = E[x_t] + t * w; head: log_probs = log_softmax(hidden) (W = V).
 
     With hidden = H > 0, E is [V, H] and two MatMuls follow the Gather, E[x_t] @ W1 @ W2 (W1 [H, H],
     W2 [H, V], both scaled by 1/sqrt(H)): wide enough that TF32 would show at 1e-4.
     """
     rng = np.random.default_rng(0)
     dtype, onnx_type = (np.float16, TensorProto.FLOAT16) if fp16 else (np.float32, TensorProto.FLOAT)
+    if graph == "head":
+        nodes = [helper.make_node("Cast", ["hidden"], ["h"], to=onnx_type),
+                 helper.make_node("Cast", ["h"], ["h32"], to=TensorProto.FLOAT),
+                 helper.make_node("LogSoftmax", ["h32"], ["log_probs"], axis=-1)]
+        return _model(nodes, [], [helper.make_tensor_value_info("hidden", TensorProto.FLOAT, ["N", V])],
+                      [helper.make_tensor_value_info("log_probs", TensorProto.FLOAT, ["N", V])])
     inits = [numpy_helper.from_array(rng.standard_normal((V, hidden or V)).astype(dtype), "E"),
              numpy_helper.from_array(rng.standard_normal(V).astype(dtype), "w"),
              numpy_helper.from_array(np.array([1, 2], np.int64), "axes")]
@@ -55,33 +63,39 @@ def tiny_denoiser(fp16: bool, hidden: int = 0) -> onnx.ModelProto:
              helper.make_node("Unsqueeze", ["t_c", "axes"], ["t3"]),               # (B, 1, 1)
              helper.make_node("Mul", ["t3", "w"], ["tw"]),                         # (B, 1, V)
              helper.make_node("Add", ["emb", "tw"], ["h"]),
-             helper.make_node("Cast", ["h"], ["h32"], to=TensorProto.FLOAT),
-             helper.make_node("LogSoftmax", ["h32"], ["log_probs"], axis=-1)]
-    graph = helper.make_graph(
-        nodes, "tiny_denoiser",
-        [helper.make_tensor_value_info("x_t", TensorProto.INT64, ["B", L]),
-         helper.make_tensor_value_info("t", TensorProto.FLOAT, ["B"])],
-        [helper.make_tensor_value_info("log_probs", TensorProto.FLOAT, ["B", L, V])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+             helper.make_node("Cast", ["h"], ["h32" if graph == "denoiser" else "hidden"], to=TensorProto.FLOAT)]
+    if graph == "denoiser":
+        nodes.append(helper.make_node("LogSoftmax", ["h32"], ["log_probs"], axis=-1))
+    output = "log_probs" if graph == "denoiser" else "hidden"
+    return _model(nodes, inits, [helper.make_tensor_value_info("x_t", TensorProto.INT64, ["B", L]),
+                                 helper.make_tensor_value_info("t", TensorProto.FLOAT, ["B"])],
+                  [helper.make_tensor_value_info(output, TensorProto.FLOAT, ["B", L, V])])
+
+
+def _model(nodes, inits, inputs, outputs) -> onnx.ModelProto:
+    model = helper.make_model(helper.make_graph(nodes, "tiny", inputs, outputs, inits),
+                              opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 8
     onnx.checker.check_model(model)
     return model
 
 
 def make_bundle(root: Path, hidden: int = 0) -> Path:
-    """A bundle directory with the tiny denoiser (see tiny_denoiser) in fp32 and fp16 and a manifest, no engines."""
+    """A bundle directory with the tiny graphs (see tiny_graph) in fp32 and fp16 and a manifest, no engines."""
     (root / "onnx").mkdir(parents=True)
-    onnx_files = {}
-    for precision in ("fp32", "fp16"):
-        onnx_files[precision] = f"onnx/denoiser.{precision}.onnx"
-        onnx.save(tiny_denoiser(precision == "fp16", hidden), str(root / onnx_files[precision]))
-    spec = graph_specs("mdlm", L, 1, 1, V)["denoiser"]
+    specs = graph_specs("mdlm", L, 1, 1, V, V)
+    graphs = {}
+    for graph, spec in specs.items():
+        graphs[graph] = {**spec.to_dict(), "onnx": {}}
+        for precision in ("fp32", "fp16"):
+            graphs[graph]["onnx"][precision] = f"onnx/{graph}.{precision}.onnx"
+            onnx.save(tiny_graph(graph, precision == "fp16", hidden), str(root / graphs[graph]["onnx"][precision]))
     schedule = {"mask": {"kind": "loglinear", "eps": 1e-3}, "latent": {"kind": "sqrt", "eps": 1e-4}}
-    config = {"variant": "mdlm", "vocab_size": V - 1, "seq_len": L, "n_latent": 1, "latent_dim": 1,
+    config = {"variant": "mdlm", "vocab_size": V - 1, "seq_len": L, "n_latent": 1, "latent_dim": 1, "width": V,
               "mask_schedule": "loglinear", "mask_eps": 1e-3, "latent_schedule": "sqrt", "latent_eps": 1e-4}
-    manifest = {"format": "lddm-bundle", "version": 1, "variant": "mdlm", "config": config,
-                "shapes": {"L": L, "P": 1, "D": 1, "V": V, "mask_id": V - 1}, "schedule": schedule,
-                "graphs": {"denoiser": {**spec.to_dict(), "onnx": onnx_files}},
+    manifest = {"format": "lddm-bundle", "version": 2, "variant": "mdlm", "config": config,
+                "shapes": {"L": L, "P": 1, "D": 1, "V": V, "W": V, "mask_id": V - 1}, "schedule": schedule,
+                "graphs": graphs, "head": "trunk+head",
                 "batch_profile": dict(PROFILE), "opset": 18, "engines": [], "tokenizer": None, "data": None,
                 "checkpoint": {"path": "/nonexistent/model.pt", "sha256": "0" * 64}, "files": {}, "tools": {}}
     write_manifest(root, manifest)
@@ -295,12 +309,13 @@ def test_build_records_engines_as_the_manifest_says(built):
     root, cache = built
     entries = json.loads((root / "manifest.json").read_text())["engines"]
     gpu = gpu_identity()
-    assert [(e["graph"], e["precision"]) for e in entries] == [("denoiser", "fp32"), ("denoiser", "fp16")]
+    assert [(e["graph"], e["precision"]) for e in entries] == [(g, p) for g in ("denoiser", "trunk", "head")
+                                                               for p in ("fp32", "fp16")]
     for e in entries:
-        assert e["file"] == engine_file_name("denoiser", e["precision"], gpu, trt.__version__)
+        assert e["file"] == engine_file_name(e["graph"], e["precision"], gpu, trt.__version__)
         assert (root / e["file"]).stat().st_size > 0
         assert e["trt_version"] == trt.__version__ and e["compute_capability"] == gpu.compute_capability
-        assert e["profile"] == PROFILE and e["onnx_file"] == f"onnx/denoiser.{e['precision']}.onnx"
+        assert e["profile"] == PROFILE and e["onnx_file"] == f"onnx/{e['graph']}.{e['precision']}.onnx"
     assert cache.stat().st_size > 0
 
 
@@ -360,7 +375,7 @@ def test_batch_above_the_profile_is_refused(built):
 @pytest.mark.parametrize("change, what", [
     (lambda e, root: e.update(trt_version="9.9.9"), "TensorRT version differs"),
     (lambda e, root: e.update(compute_capability="1.0"), "GPU differs"),
-    (lambda e, root: onnx.save(tiny_denoiser(fp16=False), str(root / e["onnx_file"])), "ONNX file differs"),
+    (lambda e, root: onnx.save(tiny_graph("denoiser", fp16=False), str(root / e["onnx_file"])), "ONNX file differs"),
 ])
 def test_a_stale_engine_is_refused_before_deserialising(built, tmp_path, change, what):
     import shutil
@@ -377,7 +392,7 @@ def test_a_stale_engine_is_refused_before_deserialising(built, tmp_path, change,
 @needs_tensorrt
 def test_an_unparsable_graph_lists_the_parser_errors(tmp_path):
     root = make_bundle(tmp_path / "b")
-    model = tiny_denoiser(fp16=False)
+    model = tiny_graph("denoiser", fp16=False)
     model.graph.node[-1].op_type = "NoSuchOp"
     onnx.save(model, str(root / "onnx/denoiser.fp32.onnx"))
     manifest = json.loads((root / "manifest.json").read_text())

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import stat
 from pathlib import Path
 
@@ -167,8 +168,7 @@ def test_every_writer_refuses_a_missing_or_blocked_parent(writer, tmp_path):
 def test_the_manifest_of_a_new_bundle_survives_a_full_disk(tmp_path, mdlm_bundle, full_disk):
     manifest = json.loads((mdlm_bundle / "manifest.json").read_text())
     bundle = tmp_path / "bundle"
-    (bundle / "onnx").mkdir(parents=True)
-    (bundle / "onnx" / "denoiser.fp32.onnx").write_bytes((mdlm_bundle / "onnx" / "denoiser.fp32.onnx").read_bytes())
+    shutil.copytree(mdlm_bundle / "onnx", bundle / "onnx")
     with pytest.raises(WriteError, match="cannot write the manifest"):
         write_manifest(bundle, manifest)
     assert sorted(p.name for p in bundle.iterdir()) == ["onnx"]
