@@ -5,7 +5,7 @@ Runtime (CPU, FP32) on each feed, and per tensor we accumulate: the largest magn
 RMS, and a histogram of log2|x|. The histogram answers both questions asked of it:
   - FP16: how close a tensor comes to 65504 (overflow) and how much of it falls below 2^-24
     (flushes to zero) -- calibration/fp16_islands.py;
-  - INT8: a percentile of |x| to clip at, which sets the quantisation scale -- calibration/int8.py.
+  - INT8: whether one step's range is far beyond the others' (per-feed maxima) -- calibration/int8.py.
 """
 from __future__ import annotations
 
@@ -28,6 +28,8 @@ class TensorStats:
         absmax: largest |x| seen; sum_sq, count: for the RMS; zeros: exact zeros seen.
         hist: counts of log2|x| in LOG2_BINS (nonzero finite values; below/above go to the ends).
         nonfinite: NaN or Inf values seen (any > 0 is a bug in the FP32 graph).
+        feed_absmax: the largest |x| of each feed (update call), in order: one per recorded
+            step, so a range that only one t reaches stands out.
     """
 
     node: str
@@ -38,12 +40,14 @@ class TensorStats:
     zeros: int = 0
     nonfinite: int = 0
     hist: np.ndarray = field(default_factory=lambda: np.zeros(len(LOG2_BINS) - 1, dtype=np.int64))
+    feed_absmax: list[float] = field(default_factory=list)
 
     def update(self, x: np.ndarray) -> None:
         x = np.asarray(x, dtype=np.float64).ravel()
         finite = np.isfinite(x)
         self.nonfinite += int((~finite).sum())
         x = np.abs(x[finite])
+        self.feed_absmax.append(float(x.max()) if x.size else 0.0)
         if not x.size:
             return
         self.absmax = max(self.absmax, float(x.max()))

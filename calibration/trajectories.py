@@ -13,7 +13,12 @@ from runtimes.base import Runner
 from runtimes.noise import draw_noise, latent_shape
 from runtimes.progress import progress
 from runtimes.samplers import Sampler
+from runtimes.schedules import latent_steps_for
 from runtimes.spec import HEADS
+
+CALIBRATION_SEEDS = (0, 1)
+CALIBRATION_BATCH = 8
+CALIBRATION_STEPS = 8
 
 
 class RecordingRunner(Runner):
@@ -78,3 +83,22 @@ def record_feeds(sampler: Sampler, seeds: list[int], batch: int, token_steps: in
     if sampler.variant != "mdlm":
         feeds["encoder"] = [{"tokens": tokens} for tokens in samples]
     return feeds
+
+
+def record_bundle_feeds(bundle) -> dict[str, list[dict[str, torch.Tensor]]]:
+    """record_feeds of a bundle's FP32 graphs on ONNX Runtime (CPU): CALIBRATION_SEEDS, a batch of
+    CALIBRATION_BATCH and chains of CALIBRATION_STEPS token (and SEQ latent) steps, so every
+    graph is seen at every t of the grid. What FP16 islands and INT8 ranges are chosen from.
+
+    Args:
+        bundle: a runtimes.bundle.Bundle with FP32 ONNX graphs (hashes need not be final).
+    """
+    from runtimes.backends import make_runners
+
+    runners = {g: r.activate() for g, r in make_runners(bundle, "ort", "fp32", "cpu").items()}
+    try:
+        return record_feeds(Sampler.from_bundle(bundle, runners), list(CALIBRATION_SEEDS), CALIBRATION_BATCH,
+                            CALIBRATION_STEPS, latent_steps_for(bundle.variant, CALIBRATION_STEPS))
+    finally:
+        for runner in runners.values():
+            runner.deactivate()

@@ -43,6 +43,7 @@ MIN_OPSET = 17            # LayerNormalization entered the default ONNX domain i
 # 10.0+ parses opsets 9-20 and maps it to kGELU_TANH) instead of five elementwise nodes at 18.
 DEFAULT_OPSET = 20
 DEFAULT_BATCH = "1,8,64"
+DEFAULT_PRECISIONS = ("fp32", "fp16")
 DEFAULT_PROFILE = {"min": 1, "opt": 8, "max": 64}
 MAX_WORKSPACE_MB = 2**24  # 16 TiB
 
@@ -56,7 +57,8 @@ class BuildOptions:
     """What to build. Construct through parse_options() to get every argument checked.
 
     Attributes:
-        precisions: ONNX graphs to write, a subset of ("fp32", "fp16") in that order.
+        precisions: ONNX graphs to write, a subset of ("fp32", "fp16", "int8") in that order
+            (default: fp32 and fp16; int8 needs calibration).
         engines: "auto" (where TensorRT and a GPU exist), "on" or "off".
         profile: TensorRT batch profile {"min", "opt", "max"}, 1 <= min <= opt <= max.
         opset: ONNX default-domain opset, >= 17.
@@ -69,7 +71,7 @@ class BuildOptions:
             buffers), before it is built; None: training.checkpoint.MAX_MODEL_GIB.
     """
 
-    precisions: tuple[str, ...] = PRECISIONS
+    precisions: tuple[str, ...] = DEFAULT_PRECISIONS
     engines: str = "auto"
     profile: dict = field(default_factory=lambda: dict(DEFAULT_PROFILE))
     opset: int = DEFAULT_OPSET
@@ -126,7 +128,11 @@ def parse_options(precision: str = "fp32,fp16", engines: str = "auto", batch: st
         workspace_mb = check_int("--workspace-mb", workspace_mb, 1, MAX_WORKSPACE_MB)
     if max_model_gib is not None and not 0 < max_model_gib < math.inf:
         raise LddmError(f"--max-model-gib {max_model_gib} must be a positive number of GiB, e.g. 16")
-    return BuildOptions(parse_precisions(precision), engines, parse_batch_profile(batch),
+    precisions = parse_precisions(precision)
+    if "int8" in precisions and not calibrate:
+        raise LddmError("--precision int8 is calibrated on the model's sampling trajectories, which "
+                        "--no-calibrate turns off; drop --no-calibrate or int8")
+    return BuildOptions(precisions, engines, parse_batch_profile(batch),
                         check_opset(opset), workspace_mb, force, calibrate, max_model_gib)
 
 
@@ -274,34 +280,70 @@ def export_bundle_graphs(model, raw: dict, ckpt: Path, ckpt_sha: str, bundle_dir
         # The FP32 graph is written even for an FP16-only bundle: calibration runs it (removed below).
         graphs[name] = {**specs[name].to_dict(),
                         "onnx": {"fp32": _save(fp32_models[name], bundle_dir, name, "fp32", started, log)}}
-    if "fp16" in options.precisions:
-        islands = _calibrated_islands(raw, ckpt, ckpt_sha, graphs, bundle_dir, options, log)
+    wanted = {"fp16", "int8"} & set(options.precisions)
+    feeds = _trajectory_feeds(raw, ckpt, ckpt_sha, graphs, bundle_dir, options, log) if wanted else None
+    islands = _fp16_islands(fp32_models, feeds, log) if "fp16" in wanted and options.calibrate else {}
+    if "fp16" in wanted:
         for name, fp32 in fp32_models.items():
             graphs[name]["onnx"]["fp16"] = _save_fp16(fp32, common[name], islands.get(name, []), bundle_dir,
                                                       name, log)
             graphs[name]["fp16_islands"] = [d.__dict__ for d in islands.get(name, [])]
+    if "int8" in wanted:
+        for name, fp32 in fp32_models.items():
+            graphs[name]["onnx"]["int8"], kept = _save_int8(fp32, common[name], feeds[name], islands.get(name, []),
+                                                            bundle_dir, name, log)
+            graphs[name]["int8_fp32_nodes"] = [d.__dict__ for d in kept]
     if "fp32" not in options.precisions:
         for graph in graphs.values():
             (bundle_dir / graph["onnx"].pop("fp32")).unlink()
     return graphs
 
 
-def _calibrated_islands(raw: dict, ckpt: Path, ckpt_sha: str, graphs: dict, bundle_dir: Path,
-                        options: BuildOptions, log: Log) -> dict:
-    """Run calibration on the FP32 graphs just written (a provisional, unhashed bundle)."""
+def _trajectory_feeds(raw: dict, ckpt: Path, ckpt_sha: str, graphs: dict, bundle_dir: Path,
+                      options: BuildOptions, log: Log) -> dict | None:
+    """Every graph's feeds along the FP32 graphs' own sampling trajectories (a provisional,
+    unhashed bundle), or None when nothing needs them (FP16 with --no-calibrate)."""
     if not options.calibrate:
         log("[calibrate] skipped (--no-calibrate): FP32 islands by rule only")
-        return {}
-    from calibration.fp16_islands import calibrate_bundle_islands
-    from lddm_export.fp16 import fp16_nodes_by_rule
+        return None
+    from calibration.trajectories import record_bundle_feeds
     from runtimes.bundle import Bundle
 
     started = time.perf_counter()
     provisional = manifests.new_manifest(raw["config"], raw["tokenizer"], raw["train"].get("data"), ckpt, ckpt_sha, graphs,
                                          options.profile, options.opset)
-    islands = calibrate_bundle_islands(Bundle(bundle_dir, provisional), fp16_nodes_by_rule, log)
-    log(f"[calibrate] done in {time.perf_counter() - started:.1f} s")
-    return islands
+    feeds = record_bundle_feeds(Bundle(bundle_dir, provisional))
+    log(f"[calibrate] sampling trajectories recorded in {time.perf_counter() - started:.1f} s")
+    return feeds
+
+
+def _fp16_islands(models: dict, feeds: dict, log: Log) -> dict:
+    """The calibrated FP32 islands of every FP16 graph (calibration/fp16_islands.py)."""
+    from calibration.fp16_islands import calibrate_fp16_islands
+    from lddm_export.fp16 import fp16_nodes_by_rule
+
+    decisions = calibrate_fp16_islands(models, feeds, fp16_nodes_by_rule)
+    for graph, chosen in decisions.items():
+        log(f"[calibrate] {graph}: {len(feeds[graph])} recorded feeds, {len(chosen)} extra FP32 islands"
+            + "".join(f"; {d.node} ({d.op_type}): {d.reason}" for d in chosen[:3]))
+    return decisions
+
+
+def _save_int8(fp32, common: dict, feeds: list, fp16_islands: list, bundle_dir: Path, name: str,
+               log: Log) -> tuple[str, list]:
+    """The Q/DQ INT8 graph (calibration/int8.py): linear layers in INT8 but those with outlier
+    inputs and those FP16 keeps in FP32. Returns its path and the layers kept in FP32."""
+    from calibration.int8 import linear_layers, outlier_layers, quantised_layers, quantize_int8
+    from lddm_export.export import set_metadata
+
+    started = time.perf_counter()
+    layers = linear_layers(fp32)
+    kept = outlier_layers(fp32, feeds) + [d for d in fp16_islands if d.node in layers]
+    int8 = quantize_int8(fp32, feeds, [d.node for d in kept])
+    set_metadata(int8, {**common, "lddm.precision": "int8", "lddm.keep_fp32_nodes": [d.node for d in kept]})
+    return _save(int8, bundle_dir, name, "int8", started, log,
+                 f", {quantised_layers(int8)} of {len(layers)} linear layers INT8"
+                 + "".join(f"; {d.node} kept FP32: {d.reason}" for d in kept[:3])), kept
 
 
 def _save_fp16(fp32, common: dict, islands: list, bundle_dir: Path, name: str, log: Log) -> str:

@@ -12,7 +12,8 @@ The manifest (written by lddm_export.manifest, read here and only here):
       "graphs": {"<graph>": {"inputs": [...], "outputs": [...],   # runtimes.spec.GraphSpec
                               "onnx": {"fp32": "onnx/<graph>.fp32.onnx",
                                        "fp16": "onnx/<graph>.fp16.onnx"},
-                              "fp16_islands": [{"node", "op_type", "reason"}]}},  # calibrated
+                              "fp16_islands": [{"node", "op_type", "reason"}],   # calibrated
+                              "int8_fp32_nodes": [{"node", "op_type", "reason"}]}},  # linear layers left FP32
       "head": "trunk+head",                   # the sparse head's form: the graphs "trunk" and "head"
       "fp16_calibration": true,               # whether those islands were calibrated
       "batch_profile": {"min": 1, "opt": 8, "max": 64},
@@ -63,7 +64,7 @@ VERSION = 2   # 2: the trunk and head graphs (the sparse head) and shapes.W
 MANIFEST = "manifest.json"
 HEAD_FORM = "trunk+head"   # how the sparse head is exported (docs/design.md, "The graphs")
 VARIANTS = tuple(GRAPHS_BY_VARIANT)
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")
 REQUIRED = ("format", "version", "variant", "config", "shapes", "schedule", "graphs", "head", "batch_profile",
             "opset", "engines", "tokenizer", "data", "checkpoint", "files", "tools")
 MASK_KINDS = ("linear", "loglinear")   # the schedules runtimes/schedules.py implements
@@ -269,11 +270,12 @@ def _check_graphs(graphs, m: dict, where: str) -> None:
                  f"precisions among {list(PRECISIONS)}")
         for rel in onnx.values():
             _require_listed(rel, m["files"], where, f"the ONNX file of graph {name!r}")
-        islands = g.get("fp16_islands", [])
-        _require(isinstance(islands, list) and all(
-            isinstance(d, dict) and all(isinstance(d.get(k), str) for k in ("node", "op_type", "reason"))
-            for d in islands), where, f"has malformed fp16_islands for graph {name!r}; expected "
-                                      f"[{{\"node\", \"op_type\", \"reason\"}}] of strings")
+        for key in ("fp16_islands", "int8_fp32_nodes"):
+            nodes = g.get(key, [])
+            _require(isinstance(nodes, list) and all(
+                isinstance(d, dict) and all(isinstance(d.get(k), str) for k in ("node", "op_type", "reason"))
+                for d in nodes), where, f"has malformed {key} for graph {name!r}; expected "
+                                        f"[{{\"node\", \"op_type\", \"reason\"}}] of strings")
 
 
 def _check_engines(engines, m: dict, where: str) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from lddm_export.build import (DEFAULT_BATCH, DEFAULT_OPSET, ENGINE_MODES, MAX_WORKSPACE_MB, PRECISIONS,
+from lddm_export.build import (DEFAULT_BATCH, DEFAULT_OPSET, DEFAULT_PRECISIONS, ENGINE_MODES, MAX_WORKSPACE_MB,
                                build_bundle, build_engines_for_bundle, bundle_precisions, parse_options)
 from lddm_export.commands.numbers import Int
 from lddm_export.manifest import read_manifest
@@ -29,7 +29,8 @@ from runtimes.fileio import check_input_file
               help="an existing bundle to add TensorRT engines to (with --engines on)")
 @click.option("--out", type=click.Path(path_type=Path), help="bundle directory [default: bundles/<ckpt stem>]")
 @click.option("--precision", default=None,
-              help="ONNX graphs (and engines) to build [default: fp32,fp16; with --bundle, what it has]")
+              help="ONNX graphs (and engines) to build, among fp32, fp16, int8 [default: fp32,fp16; with --bundle, "
+                   "what it has]")
 @click.option("--engines", type=click.Choice(ENGINE_MODES), default="auto", show_default=True,
               help="TensorRT engines: auto builds them where tensorrt and a GPU are present")
 @click.option("--batch", default=None,
@@ -41,11 +42,12 @@ from runtimes.fileio import check_input_file
 @click.option("--workspace-mb", type=Int(1, MAX_WORKSPACE_MB), default=None,
               help="cap on TensorRT's builder workspace (MiB)")
 @click.option("--calibrate/--no-calibrate", default=True, show_default=True,
-              help="choose extra FP32 islands of the FP16 graphs from sampling-trajectory statistics")
+              help="choose extra FP32 islands of the FP16 graphs from sampling-trajectory statistics "
+                   "(int8 needs it)")
 @click.option("--max-model-gib", type=float, default=None,
               help="refuse a checkpoint whose model (float32 weights) is larger [default: 4]")
 def command(ckpt, bundle, out, precision, engines, batch, opset, force, workspace_mb, calibrate, max_model_gib):
-    options = parse_options(precision or ",".join(PRECISIONS), engines, batch or DEFAULT_BATCH, opset,
+    options = parse_options(precision or ",".join(DEFAULT_PRECISIONS), engines, batch or DEFAULT_BATCH, opset,
                             workspace_mb, force, calibrate, max_model_gib)
     if (ckpt is None) == (bundle is None):
         raise LddmError("pass exactly one of --ckpt model.pt (export a bundle) or --bundle DIR "

@@ -60,6 +60,9 @@ def check_choice(backend: str, precision: str, device: str) -> torch.device:
     if precision not in PRECISIONS:
         raise BackendUnavailable(f"precision {precision!r} is unknown; choose one of {', '.join(PRECISIONS)}")
     parsed = check_device(device)
+    if backend == "torch" and precision == "int8":
+        raise BackendUnavailable("int8 is the bundle's quantised ONNX graph, which the torch backend (the reference "
+                                 "modules) does not run; use --backend ort (or trt on a GPU)")
     if backend == "torch" and precision == "fp16" and parsed.type != "cuda":
         raise BackendUnavailable(f"the torch backend's fp16 is CUDA autocast, got --device {device}; "
                                  f"use --device cuda, or --backend ort for fp16 on the CPU")
