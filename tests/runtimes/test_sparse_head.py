@@ -235,3 +235,17 @@ def test_the_head_engine_profile_spans_one_row_to_a_full_batch(bundle_cache):  #
     hidden = bundle.manifest["graphs"]["head"]["inputs"][0]
     assert profile_shapes(hidden, rows) == ((1, W), (8 * L // 16, W), (64 * L, W))
     assert trt_profile_options(bundle.spec("head"), rows)["trt_profile_max_shapes"] == f"hidden:{64 * L}x{W}"
+
+
+def test_a_bundle_from_before_the_sparse_head_is_refused_with_the_rebuild(bundle_cache, tmp_path):  # noqa: F811
+    import json
+    import shutil
+
+    from runtimes.errors import BundleError
+
+    root = tmp_path / "old"
+    shutil.copytree(cached_tiny_bundle(bundle_cache, "mdlm"), root)
+    manifest = json.loads((root / "manifest.json").read_text())
+    (root / "manifest.json").write_text(json.dumps({**manifest, "version": 1}))
+    with pytest.raises(BundleError, match="has version 1, but this runtime reads version 2; rebuild the bundle"):
+        Bundle.open(root)
