@@ -1,6 +1,7 @@
 """`lddm-train`: train an MDLM / FUJI / SEQ / AR model and write model.pt.
 
     lddm-train --variant seq --data sawtooth --preset small --max-steps 2000 --out model.pt
+    torchrun --nproc-per-node 2 $(which lddm-train) ...     # data-parallel (training/distributed.py)
 
 Bad input (unknown variant, preset or data, a bad --out or --resume path, an integer option out
 of the range --help states, a model or batch too large) is one sentence on stderr and exit
@@ -21,6 +22,7 @@ from runtimes.errors import LddmError
 from runtimes.options import MAX_BATCH, MAX_SEED, MAX_THREADS, OptionError, check_int
 from training.checkpoint import MAX_MODEL_GIB, CheckpointError, model_gib
 from training.config import LATENT_LAYOUTS, PRESETS, VARIANTS, ConfigError, ModelConfig
+from training import distributed
 from training.data import TOKENIZER_CHOICES, load_data
 from training.losses import WEIGHTINGS
 from training.trainer import Interrupted, TrainConfig, check_out_path, train
@@ -96,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--encoder-corruption", type=float, default=0.0, metavar="P",
                    help="probability of masking encoder inputs where x_t is masked")
     g = p.add_argument_group("optimisation")
-    int_arg(g, "--batch-size", default=d.batch_size, help="sequences per training batch")
+    int_arg(g, "--batch-size", default=d.batch_size, help="sequences per training batch (under torchrun: the global batch, split over the ranks)")
     g.add_argument("--lr", type=float, default=d.lr, metavar="X", help="AdamW learning rate after --warmup")
     int_arg(g, "--warmup", default=d.warmup, help="steps of linear learning-rate warmup")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay, metavar="X", help="AdamW weight decay")
@@ -165,9 +167,11 @@ def run(args: argparse.Namespace) -> dict:
         mask_schedule=args.mask_schedule, latent_schedule=args.latent_schedule,
         unit_norm_latent=not args.no_unit_norm, encoder_input_corruption=args.encoder_corruption, **sizes)
     check_model_size(model_cfg, args.max_model_gib)
-    info = train(model_cfg, cfg, data, args.out, resume=args.resume, progress=not args.no_progress)
-    losses = ", ".join(f"{k} {v:.4f}" for k, v in info["final_losses"].items())
-    print(f"wrote {args.out}: {info['steps']} steps, {info['wall_time_s']:.0f} s, {losses}")
+    dist = distributed.from_env()
+    info = train(model_cfg, cfg, data, args.out, resume=args.resume, progress=not args.no_progress, dist=dist)
+    if dist is None or dist.is_main:
+        losses = ", ".join(f"{k} {v:.4f}" for k, v in info["final_losses"].items())
+        print(f"wrote {args.out}: {info['steps']} steps, {info['wall_time_s']:.0f} s, {losses}")
     return info
 
 

@@ -14,6 +14,14 @@ step, or says that this run has written none yet (before its first evaluation).
 
 Both files are written through runtimes.fileio.write_atomic: a kill mid-write leaves the
 previous file, never half of one.
+
+Under torchrun (training/distributed.py) the run is data-parallel: --batch-size is the global
+batch, split evenly over the ranks; each rank draws its share from its own generator; the loss
+runs inside DistributedDataParallel, which averages the gradients, so every rank holds the same
+weights, EMA and optimiser state; rank 0 evaluates and writes both files. A resume file written
+by any world size continues under any other: the weights and optimiser come from the file, and
+each rank's generator is re-derived from the seed, its rank and the step (so a resumed
+distributed run draws other batches than an uninterrupted one would, equally random).
 """
 from __future__ import annotations
 
@@ -31,7 +39,8 @@ from runtimes.progress import progress as show_progress
 from training.checkpoint import CheckpointError, save_checkpoint
 from training.config import ConfigError, ModelConfig
 from training.data import HELDOUT_SEED
-from training.losses import WEIGHTINGS, LossOptions, compute_loss, lambda_y_at
+from training.distributed import Dist
+from training.losses import WEIGHTINGS, LossOptions, LossTerms, compute_loss, lambda_y_at
 from training.model import LDDM
 
 RESUME_FORMAT = "lddm-resume"
@@ -216,6 +225,7 @@ class Run:
     recent: list[tuple[float, float]] = field(default_factory=list)  # the last 100 (loss_x, loss_y)
     saved: tuple[Path, int] | None = None  # (resume file, its step): where the run can be continued from
     started: float = field(default_factory=time.time)
+    ddp: tuple[int, torch.nn.Module] | None = None  # (stage, the DDP-wrapped LossModule) of a distributed run
 
     @property
     def kept_model(self) -> LDDM:
@@ -255,6 +265,31 @@ def snapshot(run: Run, model_cfg: ModelConfig, cfg: TrainConfig) -> dict:
             "elapsed": run.seconds(), "history": run.history, "recent": run.recent}
 
 
+class LossModule(torch.nn.Module):
+    """compute_loss as a module's forward, the call DistributedDataParallel wraps."""
+
+    def __init__(self, model: LDDM):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x0, generator, stage, lambda_y, opts):
+        terms = compute_loss(self.model, x0, generator, stage, lambda_y, opts)
+        return terms.total, terms.loss_x, terms.loss_y
+
+
+def distributed_loss(run: Run, stage: int) -> torch.nn.Module:
+    """The DDP-wrapped loss of this stage. Wrapped anew when the stage changes: DDP registers the
+    parameters that need gradients when it is built, and stage 2 freezes the encoder. The latent
+    variants leave parameters unused in stage 1 (FUJI's latent head, SEQ's latent denoiser), which
+    DDP then looks for at each step."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if run.ddp is None or run.ddp[0] != stage:
+        module = DistributedDataParallel(LossModule(run.model), find_unused_parameters=run.model.cfg.has_latent)
+        run.ddp = (stage, module)
+    return run.ddp[1]
+
+
 def enter_stage(run: Run, n_stage1: int) -> int:
     """The stage of run.step (1 or 2), with the encoder trainable in stage 1 only.
 
@@ -278,13 +313,17 @@ def lambda_y_for(step: int, n_stage1: int, cfg: TrainConfig) -> float:
 
 
 def train_step(run: Run, data, device: torch.device, cfg: TrainConfig, stage: int, lambda_y: float,
-               opts: LossOptions):
-    """One optimiser step on one batch; returns the loss terms (losses.LossTerms)."""
+               opts: LossOptions, dist: Dist | None = None):
+    """One optimiser step on one batch (this rank's share of it); returns the loss terms
+    (losses.LossTerms, this rank's)."""
     for group in run.opt.param_groups:
         group["lr"] = lr_at(run.step, cfg)
-    x0 = data.train_batch(cfg.batch_size, run.gen).to(device)
+    x0 = data.train_batch(cfg.batch_size // (dist.world if dist else 1), run.gen).to(device)
     with autocast(device):
-        terms = compute_loss(run.model, x0, run.gen, stage, lambda_y, opts)
+        if dist is None:
+            terms = compute_loss(run.model, x0, run.gen, stage, lambda_y, opts)
+        else:
+            terms = LossTerms(*distributed_loss(run, stage)(x0, run.gen, stage, lambda_y, opts))
     if not math.isfinite(terms.total.item()):
         raise ConfigError(f"the loss became {terms.total.item()} at step {run.step}; lower --lr or raise --warmup")
     run.opt.zero_grad(set_to_none=True)
@@ -335,21 +374,23 @@ def write_resume(run: Run, out: Path, model_cfg: ModelConfig, cfg: TrainConfig) 
     run.saved = (resume_path(out), run.step)
 
 
-def write_checkpoint(run: Run, out: Path, data, cfg: TrainConfig) -> dict:
-    """Save the kept model with its provenance; returns the checkpoint's "train" entry."""
+def write_checkpoint(run: Run, out: Path, data, cfg: TrainConfig, dist: Dist | None = None) -> dict:
+    """Save the kept model with its provenance (rank 0 of a distributed run); returns the
+    checkpoint's "train" entry."""
     final = run.history[-1] if run.history else {}
-    info = {"steps": run.step, "data": data.name, "seed": cfg.seed,
+    info = {"steps": run.step, "data": data.name, "seed": cfg.seed, "world_size": dist.world if dist else 1,
             "final_losses": {k: v for k, v in final.items() if k != "step"},
             "history": run.history, "wall_time_s": round(run.seconds(), 1),
             "options": cfg.to_dict(), "torch": str(torch.__version__)}
-    save_checkpoint(out, run.kept_model.cpu(), data.tokenizer, info)
+    if dist is None or dist.is_main:
+        save_checkpoint(out, run.kept_model.cpu(), data.tokenizer, info)
     return info
 
 
 # ----------------------------------------------------------------------------- the loop
 
 def train(model_cfg: ModelConfig, cfg: TrainConfig, data, out: str | Path,
-          resume: str | Path | None = None, progress: bool = True, log=None) -> dict:
+          resume: str | Path | None = None, progress: bool = True, log=None, dist: Dist | None = None) -> dict:
     """Train a model and write its checkpoint (and a resume file beside it).
 
     Args:
@@ -360,32 +401,56 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data, out: str | Path,
         resume: a resume file to continue from, or None.
         progress: show the progress (runtimes.progress) with the running losses.
         log: where the resume and evaluation lines go (default: stdout).
+        dist: this process's rank in a torchrun job (training.distributed.from_env), or None.
     Returns:
-        the checkpoint's "train" entry (steps, data, seed, losses, history, wall time).
+        the checkpoint's "train" entry (steps, data, seed, world size, losses, history, wall time).
     """
     out = check_out_path(out)
+    world = dist.world if dist else 1
+    if cfg.batch_size % world:
+        raise ConfigError(f"--batch-size {cfg.batch_size} is the global batch and must split evenly over the "
+                          f"{world} ranks; pass a multiple of {world}")
     device = pick_device(cfg.device)
+    if dist is not None:
+        from training import distributed
+        device = distributed.init(dist, device)
+    try:
+        return _train(model_cfg, cfg, data, out, resume, progress and (dist is None or dist.is_main), log, dist,
+                      device)
+    finally:
+        if dist is not None:
+            distributed.shutdown()
+
+
+def _train(model_cfg: ModelConfig, cfg: TrainConfig, data, out: Path, resume, progress: bool, log, dist,
+           device: torch.device) -> dict:
+    main = dist is None or dist.is_main
+    say = (log or print_line) if main else (lambda line: None)
     run = start_run(model_cfg, cfg, device)
     opts = LossOptions(cfg.token_weighting, cfg.latent_weighting, cfg.p_cfg)
     heldout = data.heldout_batches(cfg.batch_size, cfg.eval_batches)
     n_stage1 = stage1_steps(model_cfg, cfg)
     n_params = sum(p.numel() for p in run.model.parameters())
-    (log or print_line)(f"train {model_cfg.variant}: {n_params:,} parameters on {device}, {cfg.max_steps} steps")
+    batch = (f"global batch {cfg.batch_size} = {dist.world} ranks x {cfg.batch_size // dist.world}" if dist
+             else f"batch {cfg.batch_size}")
+    say(f"train {model_cfg.variant}: {n_params:,} parameters on {device}, {cfg.max_steps} steps, {batch}")
     if resume is not None:
         resume_run(run, resume, model_cfg, cfg)
-        (log or print_line)(f"resumed from {resume} at step {run.step}")
+        say(f"resumed from {resume} at step {run.step}")
+    if dist is not None:
+        run.gen.manual_seed(dist.seed(cfg.seed, run.step))
     run.started = time.time()
     try:
         with show_progress(cfg.max_steps, f"train {model_cfg.variant}", initial=run.step, enabled=progress) as bar:
             while run.step < cfg.max_steps:
                 stage = enter_stage(run, n_stage1)
-                terms = train_step(run, data, device, cfg, stage, lambda_y_for(run.step, n_stage1, cfg), opts)
+                terms = train_step(run, data, device, cfg, stage, lambda_y_for(run.step, n_stage1, cfg), opts, dist)
                 bar.set_postfix(**loss_fields(terms, stage, n_stage1, model_cfg.has_latent))
                 bar.update(1)
-                if run.step % cfg.eval_every == 0 or run.step == cfg.max_steps:
+                if main and (run.step % cfg.eval_every == 0 or run.step == cfg.max_steps):
                     run.history.append(evaluation_record(run, heldout, device, cfg, opts, model_cfg.has_latent))
                     (log or bar.write)(evaluation_line(run.history[-1], stage, n_stage1, run.seconds()))
                     write_resume(run, out, model_cfg, cfg)
-        return write_checkpoint(run, out, data, cfg)
+        return write_checkpoint(run, out, data, cfg, dist)
     except KeyboardInterrupt:
         raise Interrupted(interrupt_note(run.step, run.saved, cfg)) from None
