@@ -57,10 +57,12 @@ def edge_checkpoint(path: Path) -> Path:
 
 
 def bundle_of(ckpt: Path, bundles: Path, batch_max: int) -> Bundle:
-    """The FP32 bundle of `ckpt` under `bundles`, rebuilt when it is missing or of another checkpoint."""
+    """The FP32 bundle of `ckpt` under `bundles`, rebuilt when it is missing, of another checkpoint or
+    for smaller batches."""
     out = bundles / ckpt.stem
     manifest = out / "manifest.json"
-    if not (manifest.is_file() and json.loads(manifest.read_text())["checkpoint"]["sha256"] == sha256_file(ckpt)):
+    old = json.loads(manifest.read_text()) if manifest.is_file() else None
+    if not (old and old["checkpoint"]["sha256"] == sha256_file(ckpt) and old["batch_profile"]["max"] >= batch_max):
         print(f"building {out} ...", flush=True)
         options = parse_options("fp32", engines="off", batch=f"1,{batch_max},{batch_max}", calibrate=False,
                                 force=True)
