@@ -9,7 +9,8 @@ checkpoint must be the one the bundle was built from (sha256).
    runtimes/tolerances.py (FP32: max relative error; FP16: relative L2 of the softmax and KL).
 2. Trajectory: the runtime sampler on the backend (with --head, sparse by default: what
    `sample` deploys) and on the torch reference (dense, the reference form), fed the same
-   noise, stepped in lockstep: token agreement and latent error per step. The torch runtime
+   noise, stepped in lockstep: token agreement and latent error per step, unprompted and with
+   the first quarter of every sample clamped (a prompt, runtimes/prompts.py). The torch runtime
    reproduces training/sampling.py token for token (tests/runtimes/test_runtime.py), so this is the
    comparison with the reference sampler. Gated for FP32 (>= 99.9% of tokens); reported for
    FP16, where a categorical draw that lands within rounding of a CDF boundary flips and
@@ -51,6 +52,7 @@ from runtimes.errors import BundleError, ToleranceExceeded
 from runtimes.fileio import sha256_file, write_json
 from runtimes.noise import draw_noise, latent_shape
 from runtimes.progress import progress
+from runtimes.prompts import FREE
 from runtimes.samplers import Sampler, sample_batches, sampler_graphs
 from runtimes.schedules import latent_steps_for
 from runtimes.spec import DYNAMIC
@@ -214,23 +216,34 @@ def verify_trajectory(bundle: Bundle, ckpt: Path, options: VerifyOptions, precis
                        latent_shape(bundle.variant, bundle.shapes))
     latent_steps = latent_steps_for(bundle.variant, options.steps, options.latent_steps)
     per_step = []
-    for ref, got in zip(reference.steps(noise, latent_steps), tested.steps(noise, latent_steps)):
-        step = {"phase": ref.phase, "index": ref.index, "t": ref.t,
-                "token_agreement": float((ref.x == got.x).double().mean())}
-        if ref.y is not None:
-            step["latent_max_abs"] = float((ref.y - got.y).abs().max())
-        per_step.append(step)
-    final = per_step[-1]["token_agreement"]
+    for known in (None, _prompt_case(bundle, options)):
+        for ref, got in zip(reference.steps(noise, latent_steps, known), tested.steps(noise, latent_steps, known)):
+            step = {"prompted": known is not None, "phase": ref.phase, "index": ref.index, "t": ref.t,
+                    "token_agreement": float((ref.x == got.x).double().mean())}
+            if ref.y is not None:
+                step["latent_max_abs"] = float((ref.y - got.y).abs().max())
+            per_step.append(step)
+    final = [s for s in per_step if not s["prompted"]][-1]["token_agreement"]
+    prompted = per_step[-1]["token_agreement"]
     gated = precision == "fp32"
     passed = (final >= TRAJECTORY_TOKEN_AGREEMENT
               and all(s["token_agreement"] >= TRAJECTORY_TOKEN_AGREEMENT for s in per_step)) if gated else True
     latent = max((s.get("latent_max_abs", 0.0) for s in per_step), default=0.0)
     log(f"[trajectory/{precision}] {options.head} head vs the dense torch reference: token agreement "
-        f"{final:.4%} (min over steps "
+        f"{final:.4%}, prompted {prompted:.4%} (min over steps "
         f"{min(s['token_agreement'] for s in per_step):.4%}), latent max abs error {latent:.2e}"
         f"{'' if gated else ' (reported, not gated)'}{'' if passed else ' FAIL'}")
-    return {"passed": passed, "gated": gated, "final_token_agreement": final, "steps": per_step,
-            "samples": options.trajectory_samples}
+    return {"passed": passed, "gated": gated, "final_token_agreement": final,
+            "prompted_final_token_agreement": prompted, "steps": per_step, "samples": options.trajectory_samples}
+
+
+def _prompt_case(bundle: Bundle, options: VerifyOptions) -> torch.Tensor:
+    """The prompted case of level 2: the first quarter of every sample clamped to seeded ids."""
+    L, V = bundle.shapes["L"], bundle.shapes["V"]
+    known = torch.full((options.trajectory_samples, L), FREE, dtype=torch.int64)
+    known[:, : max(1, L // 4)] = torch.randint(0, V - 1, (options.trajectory_samples, max(1, L // 4)),
+                                               generator=torch.Generator().manual_seed(options.seed))
+    return known
 
 
 # ----------------------------------------------------------------------------- level 3

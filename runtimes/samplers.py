@@ -32,6 +32,7 @@ import torch
 from runtimes.base import Runner
 from runtimes.errors import LddmError, ShapeMismatch
 from runtimes.noise import Noise, draw_noise, latent_shape
+from runtimes.prompts import start_tokens
 from runtimes.schedules import LatentSchedule, MaskSchedule, from_manifest, time_grid
 from runtimes.spec import GRAPHS_BY_VARIANT, HEADS
 from runtimes.trajectory import Samples, Step
@@ -191,12 +192,16 @@ class Sampler:
 
     # ----------------------------------------------------------------------------- public API
 
-    def steps(self, noise: Noise, latent_steps: int | None = None) -> Iterator[Step]:
+    def steps(self, noise: Noise, latent_steps: int | None = None,
+              known: torch.Tensor | None = None) -> Iterator[Step]:
         """Run the loop, yielding the state after every step (the last one holds the result).
 
         Args:
             noise: the call's draws (runtimes.noise.draw_noise); T_x = noise.token_steps.
             latent_steps: T_y, SEQ's latent-chain length (required for seq, ignored otherwise).
+            known: int64 [B, L], the clamped tokens (runtimes.prompts: an id, or FREE where the
+                sampler generates), or None: every position generated. Clamped positions start
+                unmasked and are carried over; SEQ's latent chain does not see them.
         Yields:
             Step after every step: SEQ's T_y latent steps first, then T_x token steps.
             Tensors are on self.device and are not reused by the sampler (safe to keep).
@@ -212,25 +217,26 @@ class Sampler:
         if noise.y_init is not None and self.variant != "mdlm" and tuple(noise.y_init.shape) != (noise.batch, P, D):
             raise ShapeMismatch(f"noise y_init must have shape [B, P, D] = {[noise.batch, P, D]}, "
                                 f"got {list(noise.y_init.shape)}")
+        x = start_tokens(known, noise.batch, L, self.shapes["mask_id"], self.device)
         noise = noise.to(self.device)
         if self.variant == "mdlm":
-            return self._mdlm(noise)
+            return self._mdlm(noise, x)
         if self.variant == "fuji":
-            return self._fuji(noise)
-        return self._seq(noise, latent_steps)
+            return self._fuji(noise, x)
+        return self._seq(noise, latent_steps, x)
 
     def sample(self, noise: Noise, latent_steps: int | None = None,
-               callback: Callable[[Step], None] | None = None) -> Samples:
+               callback: Callable[[Step], None] | None = None, known: torch.Tensor | None = None) -> Samples:
         """Run the loop to the end.
 
         Args:
-            noise, latent_steps: as for steps().
+            noise, latent_steps, known: as for steps().
             callback: called with every Step (progress, streaming), or None.
         Returns:
             Samples: tokens int64 [B, L]; latent float32 [B, P, D] (fuji, seq) or None.
         """
         last = None
-        for last in self.steps(noise, latent_steps):
+        for last in self.steps(noise, latent_steps, known):
             if callback is not None:
                 callback(last)
         latent = last.y0_hat if self.variant == "fuji" else last.y
@@ -240,10 +246,6 @@ class Sampler:
 
     def _t(self, t: float, batch: int) -> torch.Tensor:
         return torch.full((batch,), t, dtype=torch.float32, device=self.device)
-
-    def _all_masked(self, batch: int) -> torch.Tensor:
-        return torch.full((batch, self.shapes["L"]), self.shapes["mask_id"], dtype=torch.int64,
-                          device=self.device)
 
     def _token_chain(self, steps: int):
         """The grid and the masking alphas on it, computed once per chain (host-side floats)."""
@@ -299,12 +301,12 @@ class Sampler:
         out = self.runners["trunk"].infer(feed)
         return (self._sparse_step(x, out["hidden"], rows, u, alphas, k) if rows.numel() else x), out, True
 
-    def _mdlm(self, noise: Noise) -> Iterator[Step]:
+    def _mdlm(self, noise: Noise, x: torch.Tensor) -> Iterator[Step]:
         """MDLM; with the cache, the network output `kept` was computed at grid[fresh], the first
         step since the tokens last changed (without it, fresh is always this step)."""
         B, T = noise.batch, noise.token_steps
         grid, alphas = self._token_chain(T)
-        x, fresh, kept = self._all_masked(B), 0, None
+        fresh, kept = 0, None
         for k in range(T):
             if not self.cache:
                 fresh, kept = k, None
@@ -324,10 +326,10 @@ class Sampler:
             x = x_s
             yield Step("token", k, T, grid[k], grid[k + 1], x, None, None, called)
 
-    def _fuji(self, noise: Noise) -> Iterator[Step]:
+    def _fuji(self, noise: Noise, x: torch.Tensor) -> Iterator[Step]:
         B, T = noise.batch, noise.token_steps
         (grid, alphas), (_, alpha_sigmas) = self._token_chain(T), self._latent_chain(T)
-        x, y = self._all_masked(B), noise.y_init
+        y = noise.y_init
         for k in range(T):
             feed = {"x_t": x, "y_t": y, "t": self._t(grid[k], B)}
             x, out, _ = self._token_update(k, x, feed, noise.u[k], alphas, trunk_always=True)
@@ -335,10 +337,10 @@ class Sampler:
             y = ddim_step(y, y0_hat, alpha_sigmas[k], alpha_sigmas[k + 1])
             yield Step("token", k, T, grid[k], grid[k + 1], x, y, y0_hat)
 
-    def _seq(self, noise: Noise, latent_steps: int) -> Iterator[Step]:
+    def _seq(self, noise: Noise, latent_steps: int, x: torch.Tensor) -> Iterator[Step]:
         B, T_x, T_y = noise.batch, noise.token_steps, latent_steps
         latent_denoiser = self.runners["latent_denoiser"]
-        (grid, alpha_sigmas), x, y = self._latent_chain(T_y), self._all_masked(B), noise.y_init
+        (grid, alpha_sigmas), y = self._latent_chain(T_y), noise.y_init
         for j in range(T_y):
             y0_hat = latent_denoiser.infer({"y_t": y, "t": self._t(grid[j], B)})["y0_hat"].clone()
             y = ddim_step(y, y0_hat, alpha_sigmas[j], alpha_sigmas[j + 1])
@@ -350,7 +352,8 @@ class Sampler:
 
 
 def sample_batches(sampler: Sampler, seed: int, num: int, steps: int, latent_steps: int | None = None,
-                   batch_size: int = 256, callback: Callable[[int, Step], None] | None = None) -> Samples:
+                   batch_size: int = 256, callback: Callable[[int, Step], None] | None = None,
+                   known: torch.Tensor | None = None) -> Samples:
     """Draw `num` samples in batches; batch b uses seed + b (docs/contracts.md, the CLI convention).
 
     Args:
@@ -360,6 +363,7 @@ def sample_batches(sampler: Sampler, seed: int, num: int, steps: int, latent_ste
         steps: T_x, token steps; latent_steps: T_y (seq only).
         batch_size: B, samples per call (the last may be smaller).
         callback: called as callback(b, step) after every step of batch b (progress bars).
+        known: int64 [K, L] clamped tokens (Sampler.steps), or None.
     Returns:
         Samples on the CPU: tokens int64 [K, L]; latent float32 [K, P, D] or None.
     """
@@ -368,7 +372,8 @@ def sample_batches(sampler: Sampler, seed: int, num: int, steps: int, latent_ste
     for b, start in enumerate(range(0, num, batch_size)):
         noise = draw_noise(seed + b, min(batch_size, num - start), steps, shapes["L"],
                            latent_shape(sampler.variant, shapes))
-        result = sampler.sample(noise, latent_steps, None if callback is None else lambda step: callback(b, step))
+        result = sampler.sample(noise, latent_steps, None if callback is None else lambda step: callback(b, step),
+                                None if known is None else known[start:start + noise.batch])
         tokens.append(result.tokens.cpu())
         if result.latent is not None:
             latents.append(result.latent.cpu())

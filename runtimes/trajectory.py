@@ -19,7 +19,8 @@ class Step:
         phase: "token" (an unmasking step) or "latent" (a SEQ latent-chain step).
         index: 0-based step number within its chain; total: steps in that chain.
         t, s: the step went from time t to time s < t.
-        x: tokens after the step, int64 [B, L] (all mask during the SEQ latent chain).
+        x: tokens after the step, int64 [B, L] (during SEQ's latent chain: the start, all mask but
+            the known tokens).
         y: the running latent after the step, float32 [B, P, D] (SEQ token chain: the clean y0);
             None for mdlm.
         y0_hat: the network's latent estimate at this step, float32 [B, P, D]; None for mdlm and

@@ -16,7 +16,7 @@ PACKAGES = ("runtimes", "training", "calibration", "lddm_export")
 # progress).
 TRAINING_FROM_RUNTIMES = ("runtimes.errors", "runtimes.schedules", "runtimes.noise", "runtimes.trajectory",
                           "runtimes.spec", "runtimes.tokenizer", "runtimes.options", "runtimes.fileio",
-                          "runtimes.progress")
+                          "runtimes.progress", "runtimes.prompts")
 MAY_IMPORT = {
     "runtimes": ("runtimes",),
     "training": ("training",) + TRAINING_FROM_RUNTIMES,

@@ -25,6 +25,7 @@ import torch
 
 from runtimes.errors import LddmError, ShapeMismatch
 from runtimes.noise import Noise, draw_noise
+from runtimes.prompts import start_tokens
 from runtimes.options import MAX_BATCH, MAX_SAMPLES, MAX_STEPS, check_int
 from runtimes.schedules import latent_steps_for, time_grid
 from runtimes.trajectory import Samples, Step
@@ -108,7 +109,7 @@ def ddim_step(y_t: torch.Tensor, y0_hat: torch.Tensor, a_t: float, sig_t: float,
 class _Chain:
     """The shared bookkeeping of one sampling call: device, schedules and the noise as tensors."""
 
-    def __init__(self, model: LDDM, noise: Noise, float64: bool):
+    def __init__(self, model: LDDM, noise: Noise, float64: bool, known: torch.Tensor | None = None):
         cfg = model.cfg
         u, L = noise.u, cfg.seq_len
         if u.ndim != 3 or u.shape[0] < 1 or u.shape[2] != L:
@@ -128,9 +129,11 @@ class _Chain:
         noise = noise.to(self.device)
         self.u = noise.u  # (T_x, B, L) float64
         self.y_init = noise.y_init.float() if cfg.has_latent else None
+        self.known = known
 
-    def all_masked(self) -> torch.Tensor:
-        return torch.full((self.batch, self.cfg.seq_len), self.cfg.mask_id, dtype=torch.long, device=self.device)
+    def start(self) -> torch.Tensor:
+        """x at t = 1: the known tokens (runtimes.prompts), every other position masked."""
+        return start_tokens(self.known, self.batch, self.cfg.seq_len, self.cfg.mask_id, self.device)
 
     def t_tensor(self, t: float) -> torch.Tensor:
         return torch.full((self.batch,), t, dtype=torch.float32, device=self.device)
@@ -154,8 +157,8 @@ def _require_variant(model: LDDM, variant: str) -> None:
 
 @torch.no_grad()
 def sample_mdlm(model: LDDM, noise: Noise, cache: bool = False, float64: bool = True,
-                callback: Callable[[Step], None] | None = None) -> Samples:
-    """MDLM: start all masked, T token steps of the denoiser.
+                callback: Callable[[Step], None] | None = None, known: torch.Tensor | None = None) -> Samples:
+    """MDLM: start all masked (but the known tokens), T token steps of the denoiser.
 
     Args:
         model: an "mdlm" LDDM (put in eval mode here).
@@ -165,15 +168,17 @@ def sample_mdlm(model: LDDM, noise: Noise, cache: bool = False, float64: bool = 
         float64: float64 categorical draws (False: float32, faster, see the SWD benchmark).
         callback: called with a Step after every token step (y and y0_hat None; network_called
             False where the cache was used), or None.
+        known: int64 [B, L] clamped tokens (runtimes.prompts: an id, or FREE where generated),
+            or None; as in the runtime's Sampler.steps.
     Returns:
         Samples(tokens int64 [B, L], latent None).
     """
     _require_variant(model, "mdlm")
     model.eval()
-    chain = _Chain(model, noise, float64)
+    chain = _Chain(model, noise, float64, known)
     T = chain.token_steps
     grid = time_grid(T)
-    x = chain.all_masked()
+    x = chain.start()
     x_prev, log_probs = None, None
     for k in range(T):
         t, s = grid[k], grid[k + 1]
@@ -189,24 +194,24 @@ def sample_mdlm(model: LDDM, noise: Noise, cache: bool = False, float64: bool = 
 
 @torch.no_grad()
 def sample_fuji(model: LDDM, noise: Noise, float64: bool = True,
-                callback: Callable[[Step], None] | None = None) -> Samples:
+                callback: Callable[[Step], None] | None = None, known: torch.Tensor | None = None) -> Samples:
     """FUJI: tokens and latent denoised jointly, one network call per step on one time grid.
 
     Args:
         model: a "fuji" LDDM.
         noise: from make_noise(seed, B, cfg, T) (holds y_init and u); T = noise.token_steps,
             token and latent steps alike.
-        float64: as in sample_mdlm.
+        float64, known: as in sample_mdlm.
         callback: called with a Step after every step (y after the DDIM update, y0_hat), or None.
     Returns:
         Samples(tokens int64 [B, L], latent float32 [B, P, D] = the last y0_hat).
     """
     _require_variant(model, "fuji")
     model.eval()
-    chain = _Chain(model, noise, float64)
+    chain = _Chain(model, noise, float64, known)
     T = chain.token_steps
     grid = time_grid(T)
-    x, y = chain.all_masked(), chain.y_init
+    x, y = chain.start(), chain.y_init
     y0_hat = None
     for k in range(T):
         t, s = grid[k], grid[k + 1]
@@ -220,14 +225,14 @@ def sample_fuji(model: LDDM, noise: Noise, float64: bool = True,
 
 @torch.no_grad()
 def sample_seq(model: LDDM, noise: Noise, latent_steps: int, float64: bool = True,
-               callback: Callable[[Step], None] | None = None) -> Samples:
+               callback: Callable[[Step], None] | None = None, known: torch.Tensor | None = None) -> Samples:
     """SEQ: a latent chain of T_y DDIM steps, then a token chain of T_x steps on the clean latent.
 
     Args:
         model: a "seq" LDDM.
         noise: from make_noise(seed, B, cfg, T_x); T_x = noise.token_steps.
         latent_steps: T_y (each chain on its own grid t_k = 1 - k / T).
-        float64: as in sample_mdlm.
+        float64, known: as in sample_mdlm (the latent chain does not see the known tokens).
         callback: called with a Step after every step: the T_y latent steps first (phase
             "latent", x all masked, y after the DDIM update, y0_hat), then the T_x token steps
             (y the clean y0, y0_hat None); or None.
@@ -237,8 +242,8 @@ def sample_seq(model: LDDM, noise: Noise, latent_steps: int, float64: bool = Tru
     _require_variant(model, "seq")
     check_int("latent_steps", latent_steps, 1, MAX_STEPS)
     model.eval()
-    chain = _Chain(model, noise, float64)
-    x, y = chain.all_masked(), chain.y_init
+    chain = _Chain(model, noise, float64, known)
+    x, y = chain.start(), chain.y_init
     grid = time_grid(latent_steps)
     y0 = None
     for j in range(latent_steps):
@@ -294,7 +299,8 @@ def sample_ar(model: LDDM, seed: int, num: int, batch_size: int = 256) -> torch.
 # ----------------------------------------------------------------------------- convenience
 
 def sample_call(model: LDDM, noise: Noise, latent_steps: int | None = None, cache: bool = False,
-                float64: bool = True, callback: Callable[[Step], None] | None = None) -> Samples:
+                float64: bool = True, callback: Callable[[Step], None] | None = None,
+                known: torch.Tensor | None = None) -> Samples:
     """One sampling call of the model's variant on given noise, as the runtime's
     Sampler.sample(noise, latent_steps, callback): sample_mdlm (with `cache`), sample_fuji, or
     sample_seq with latent_steps (default: noise.token_steps).
@@ -312,11 +318,11 @@ def sample_call(model: LDDM, noise: Noise, latent_steps: int | None = None, cach
     if cache and variant != "mdlm":
         raise LddmError(f"cache applies to mdlm models only; this model is {variant!r}, leave it off")
     if variant == "mdlm":
-        return sample_mdlm(model, noise, cache=cache, float64=float64, callback=callback)
+        return sample_mdlm(model, noise, cache=cache, float64=float64, callback=callback, known=known)
     if variant == "fuji":
-        return sample_fuji(model, noise, float64=float64, callback=callback)
+        return sample_fuji(model, noise, float64=float64, callback=callback, known=known)
     return sample_seq(model, noise, latent_steps_for(variant, noise.token_steps, latent_steps),
-                      float64=float64, callback=callback)
+                      float64=float64, callback=callback, known=known)
 
 
 def sample(model: LDDM, seed: int, num: int, steps: int, latent_steps: int | None = None,

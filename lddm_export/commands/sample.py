@@ -4,6 +4,12 @@
 
 .npy holds int64 token ids [K, L]; .jsonl holds one {"ids": [...], "text": ...} object per
 sample (text is null for synthetic data such as sawtooth). Batch b of the run uses seed + b.
+
+Prompted and infilling generation (text bundles; runtimes/prompts.py): --prompt TEXT clamps the
+prompt's tokens at the start, --template TEXT clamps the text around each "____" hole (of
+--hole-tokens tokens), --prompts FILE reads one {"prompt": ...} or {"template": ...} per line;
+--num samples are drawn per prompt, and each .jsonl line also carries "prompt" (as given) and
+"generated" (the decoded generated spans, in order).
 SEQ bundles run a latent chain of --latent-steps steps first; it defaults to --steps.
 Integer options have the ranges of runtimes/options.py (shown by --help), and the job's
 memory and length are checked before anything runs. The file is written through
@@ -33,16 +39,44 @@ def check_out(out: Path) -> None:
     check_target(out, "--out")
 
 
-def write_samples(out: Path, tokens: np.ndarray, texts: list[str | None]) -> None:
-    """Write .npy (int64 [K, L]) or .jsonl (ids and text per line), atomically."""
+def write_samples(out: Path, tokens: np.ndarray, texts: list[str | None], prompted: list[dict] | None = None) -> None:
+    """Write .npy (int64 [K, L]) or .jsonl (ids and text per line, and each sample's "prompt"
+    and "generated" spans when prompted), atomically."""
     def write(f) -> None:
         if out.suffix == ".npy":
             np.save(f, tokens.astype(np.int64))
         else:
-            for ids, text in zip(tokens.tolist(), texts):
-                f.write((json.dumps({"ids": ids, "text": text}) + "\n").encode())
+            for i, (ids, text) in enumerate(zip(tokens.tolist(), texts)):
+                f.write((json.dumps({"ids": ids, "text": text, **(prompted[i] if prompted else {})}) + "\n").encode())
 
     write_atomic(out, write, "--out")
+
+
+def read_prompts(bundle, prompt, template, prompts_file, hole_tokens: int):
+    """The prompts of --prompt, --template or --prompts (runtimes.prompts.Prompt), or None."""
+    from runtimes.prompts import PromptEncoder
+
+    if prompt is None and template is None and prompts_file is None:
+        return None
+    encoder = PromptEncoder(bundle.manifest["tokenizer"], bundle.shapes["L"], bundle.shapes["V"] - 1, hole_tokens)
+    if prompt is not None:
+        return [encoder.prompt(prompt)]
+    if template is not None:
+        return [encoder.template(template)]
+    return encoder.file(prompts_file)
+
+
+def generated_spans(ids: list[int], known: tuple[int, ...]) -> list[list[int]]:
+    """The ids of each maximal run of generated (FREE) positions, in order."""
+    from runtimes.prompts import FREE
+
+    spans: list[list[int]] = []
+    for i, (token, k) in enumerate(zip(ids, known)):
+        if k == FREE:
+            if i == 0 or known[i - 1] != FREE:
+                spans.append([])
+            spans[-1].append(token)
+    return spans
 
 
 @click.command("sample")
@@ -69,9 +103,17 @@ def write_samples(out: Path, tokens: np.ndarray, texts: list[str | None]) -> Non
 @click.option("--threads", type=Int(1, MAX_THREADS), default=None, help="ort on the CPU: intra-op threads per graph")
 @click.option("--head", type=click.Choice(HEADS), default="sparse", show_default=True,
               help="log-probs only where tokens unmask (sparse), or at every position (dense, the reference form)")
+@click.option("--prompt", default=None, help="text bundles: continue this text (its tokens are clamped)")
+@click.option("--template", default=None, help="text bundles: fill each '____' hole of this text")
+@click.option("--prompts", "prompts_file", type=click.Path(path_type=Path), default=None,
+              help='text bundles: a JSON-lines file of {"prompt": ...} or {"template": ...}; --num samples each')
+@click.option("--hole-tokens", type=Int(1, MAX_STEPS), default=16, show_default=True,
+              help="tokens generated for each hole of a template")
 def command(bundle_dir, backend, precision, device, steps, latent_steps, num, batch_size, seed, out, ckpt,
-            float32_draws, cache, cuda_graph, compile_, threads, head):
+            float32_draws, cache, cuda_graph, compile_, threads, head, prompt, template, prompts_file, hole_tokens):
     """Sample token ids (and text) from a bundle."""
+    import torch
+
     from runtimes.backends import check_choice, make_runners
     from runtimes.bundle import Bundle
     from runtimes.progress import progress
@@ -83,11 +125,21 @@ def command(bundle_dir, backend, precision, device, steps, latent_steps, num, ba
     check_out(out)
     if ckpt is not None:
         check_input_file(ckpt, "--ckpt", "pass the bundle's model.pt")
+    if sum(v is not None for v in (prompt, template, prompts_file)) > 1:
+        raise LddmError("--prompt, --template and --prompts each give the prompts; pass one of them")
+    if prompts_file is not None:
+        check_input_file(prompts_file, "--prompts", "pass a JSON-lines file of prompts")
     check_choice(backend, precision, device)
     bundle = Bundle.open(bundle_dir)
     if latent_steps is not None and bundle.variant != "seq":
         raise LddmError(f"--latent-steps applies to seq bundles only, and {bundle_dir} is {bundle.variant}; drop it")
     latent_steps = latent_steps_for(bundle.variant, steps, latent_steps)
+    prompts = read_prompts(bundle, prompt, template, prompts_file, hole_tokens)
+    known = None
+
+    if prompts is not None:
+        known = torch.tensor([p.known for p in prompts for _ in range(num)], dtype=torch.int64)
+        num = len(known)
     max_batch = bundle.manifest["batch_profile"]["max"]
     batch_size = batch_size or min(num, max_batch)
     if batch_size > max_batch:
@@ -105,9 +157,14 @@ def command(bundle_dir, backend, precision, device, steps, latent_steps, num, ba
     n_batches = -(-num // batch_size)
     with progress(n_batches * (steps + (latent_steps or 0)), f"sample {bundle.variant} ({backend})") as bar:
         result = sample_batches(sampler, seed, num, steps, latent_steps, batch_size,
-                                callback=lambda b, step: bar.update(1))
+                                callback=lambda b, step: bar.update(1), known=known)
     for runner in runners.values():
         runner.deactivate()
     tokens = result.tokens.numpy()
-    write_samples(out, tokens, decoder.decode(tokens) if out.suffix == ".jsonl" else [])
+    prompted = None
+    if prompts is not None and out.suffix == ".jsonl":
+        per_sample = [p for p in prompts for _ in range(len(tokens) // len(prompts))]
+        prompted = [{"prompt": p.text, "generated": decoder.decode(generated_spans(ids, p.known))}
+                    for ids, p in zip(tokens.tolist(), per_sample)]
+    write_samples(out, tokens, decoder.decode(tokens) if out.suffix == ".jsonl" else [], prompted)
     click.echo(f"wrote {len(tokens)} samples of {tokens.shape[1]} tokens to {out}", err=True)

@@ -61,6 +61,8 @@ def test_good_bundle_passes_and_writes_parity_json(built):
     written = json.loads((bundle / "parity.json").read_text())
     assert set(written["graphs"]["fp32"]) == {"encoder", "latent_denoiser", "token_denoiser", "trunk", "head"}
     assert written["trajectory"]["fp32"]["final_token_agreement"] >= 0.999
+    assert written["trajectory"]["fp32"]["prompted_final_token_agreement"] >= 0.999   # one prompted case
+    assert {s["prompted"] for s in written["trajectory"]["fp32"]["steps"]} == {False, True}
     assert written["graphs"]["fp16"]["token_denoiser"]["outputs"]["log_probs"]["kl"] is not None
 
 
