@@ -108,7 +108,7 @@ def unigram_entropy(tokens) -> float:
 # ----------------------------------------------------------------------------- generative perplexity
 
 @torch.no_grad()
-def ar_perplexity(ar_model: LDDM, tokens, batch_size: int = 64) -> float:
+def ar_perplexity(ar_model: LDDM, tokens, batch_size: int = 64, scored=None) -> float:
     """Generative perplexity under the project's AR checkpoint (offline reference).
 
     The AR model is a causal TokenDenoiser that reads the mask id as beginning-of-sequence:
@@ -118,8 +118,11 @@ def ar_perplexity(ar_model: LDDM, tokens, batch_size: int = 64) -> float:
         ar_model: an LDDM of variant "ar" with the samples' vocabulary and length.
         tokens: int [N, L] samples in the AR model's vocabulary (no mask token).
         batch_size: sequences per forward pass.
+        scored: bool [N, L], the positions whose likelihood counts (each given every token
+            before it: the perplexity of a prompt's continuation, or of filled holes, given the
+            text around them up to there); None: every position.
     Returns:
-        exp(mean negative log-likelihood per token), a Python float >= 1.
+        exp(mean negative log-likelihood per scored token), a Python float >= 1.
     """
     cfg = ar_model.cfg
     if cfg.variant != "ar":
@@ -131,16 +134,21 @@ def ar_perplexity(ar_model: LDDM, tokens, batch_size: int = 64) -> float:
     if x.min() < 0 or x.max() >= cfg.vocab_size:
         raise ValueError(f"tokens must lie in [0, {cfg.vocab_size}) (the AR model's vocabulary, no mask), "
                          f"got ids in [{int(x.min())}, {int(x.max())}]")
+    mask = torch.ones_like(x, dtype=torch.bool) if scored is None else torch.as_tensor(scored, dtype=torch.bool)
+    if mask.shape != x.shape or not mask.any():
+        raise ValueError(f"scored must be a bool mask of the tokens' shape {tuple(x.shape)} with at least one "
+                         f"position, got {tuple(mask.shape)}")
     ar_model.eval()
     device = next(ar_model.parameters()).device
     total_nll = 0.0
-    for batch in x.split(batch_size):
+    for batch, keep in zip(x.split(batch_size), mask.split(batch_size)):
         batch = batch.to(device)
         bos = torch.full((len(batch), 1), cfg.mask_id, dtype=torch.long, device=device)
         inputs = torch.cat([bos, batch[:, :-1]], dim=1)  # (B, L): shifted right behind BOS
         log_probs = ar_model.denoiser(inputs, torch.zeros(len(batch), device=device))  # (B, L, V)
-        total_nll -= float(log_probs.double().gather(-1, batch[..., None]).sum())
-    return math.exp(total_nll / x.numel())
+        nll = -log_probs.double().gather(-1, batch[..., None]).squeeze(-1)
+        total_nll += float(nll[keep.to(device)].sum())
+    return math.exp(total_nll / int(mask.sum()))
 
 
 @torch.no_grad()

@@ -116,6 +116,22 @@ def test_ar_perplexity_is_finite_above_one_and_batch_invariant():
     assert ppl == pytest.approx(ar_perplexity(model, tokens, batch_size=9), rel=1e-6)
 
 
+def test_ar_perplexity_of_scored_positions_is_their_conditional_likelihood():
+    # the scored positions' perplexity is exp of their mean NLL given every token before them
+    model = ar_model(True)
+    tokens = torch.randint(0, 7, (3, 12), generator=torch.Generator().manual_seed(3))
+    scored = torch.zeros(3, 12, dtype=torch.bool)
+    scored[:, 6:] = True
+    with torch.no_grad():
+        bos = torch.full((3, 1), model.cfg.mask_id)
+        nll = -model.denoiser(torch.cat([bos, tokens[:, :-1]], 1), torch.zeros(3)).double().gather(
+            -1, tokens[..., None]).squeeze(-1)
+    assert ar_perplexity(model, tokens, scored=scored) == pytest.approx(math.exp(float(nll[:, 6:].mean())), rel=1e-9)
+    assert ar_perplexity(model, tokens, scored=torch.ones(3, 12, dtype=torch.bool)) == ar_perplexity(model, tokens)
+    with pytest.raises(ValueError, match="at least one position"):
+        ar_perplexity(model, tokens, scored=torch.zeros(3, 12, dtype=torch.bool))
+
+
 def test_ar_perplexity_is_causal():
     # changing the last token must not change the likelihood of the earlier ones
     model = ar_model(True)

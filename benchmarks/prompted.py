@@ -1,0 +1,116 @@
+"""Prompted continuation and infilling on the text examples: MDLM vs FUJI vs SEQ.
+
+    python benchmarks/prompted.py --threads 1        # results/prompted.json and a markdown table
+
+From the held-out tail of the corpus (never trained on), --prompts blocks of L = 128 tokens:
+- continuation: the first 64 tokens clamped (runtimes/prompts.py), the other 64 generated;
+  scored by the AR evaluator's perplexity of the generated tokens given everything before them;
+- infilling: tokens 48..79 cut out and generated, the rest clamped; scored by the AR perplexity
+  of the filled span given the text before it, and by the token accuracy against the original.
+Sampled with the runtime sampler (ORT-CPU FP32, sparse head) at T in --steps token steps (SEQ:
+as many latent steps), one sampling seed; the bundles are built under --bundles. SEQ's latent
+chain does not see the clamped tokens, so its latent may contradict them: the SEQ rows show
+what that costs next to FUJI, whose denoiser sees them at every step.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lddm_export.build import build_bundle, parse_options  # noqa: E402
+from runtimes.backends import make_runners  # noqa: E402
+from runtimes.bundle import Bundle  # noqa: E402
+from runtimes.fileio import sha256_file, write_json  # noqa: E402
+from runtimes.prompts import FREE  # noqa: E402
+from runtimes.samplers import Sampler, sample_batches, sampler_graphs  # noqa: E402
+from runtimes.schedules import latent_steps_for  # noqa: E402
+from training.checkpoint import load_checkpoint  # noqa: E402
+from training.data import TextData  # noqa: E402
+from training.metrics import ar_perplexity  # noqa: E402
+
+PROMPT_TOKENS, SPAN = 64, (48, 80)
+
+
+def bundle_of(ckpt: Path, bundles: Path) -> Bundle:
+    out = bundles / ckpt.stem
+    manifest = out / "manifest.json"
+    old = json.loads(manifest.read_text()) if manifest.is_file() else None
+    if not (old and old["checkpoint"]["sha256"] == sha256_file(ckpt) and old["batch_profile"]["max"] >= 64):
+        print(f"building {out} ...", flush=True)
+        build_bundle(ckpt, out, parse_options("fp32", engines="off", batch="1,64,64", calibrate=False, force=True),
+                     log=lambda line: None)
+    return Bundle.open(out)
+
+
+def tasks(blocks: torch.Tensor) -> dict[str, torch.Tensor]:
+    """task -> known [N, L]: the clamped tokens of each held-out block."""
+    continuation = blocks.clone()
+    continuation[:, PROMPT_TOKENS:] = FREE
+    infilling = blocks.clone()
+    infilling[:, SPAN[0]:SPAN[1]] = FREE
+    return {"continuation": continuation, "infilling": infilling}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--examples", default=str(ROOT / "examples"))
+    p.add_argument("--corpus", default=str(ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"))
+    p.add_argument("--bundles", default=str(ROOT / "runs" / "sparse_head_bundles"))
+    p.add_argument("--prompts", type=int, default=64)
+    p.add_argument("--steps", default="4,16,64")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--results", default=str(ROOT / "results"))
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    ar, ar_ckpt = load_checkpoint(Path(args.examples) / "text-ar.pt")
+    cfg = ar_ckpt["config"]
+    data = TextData(f"text:{args.corpus}", cfg["seq_len"], "bpe", cfg["vocab_size"])
+    if data.tokenizer["json"] != ar_ckpt["tokenizer"]["json"]:
+        raise SystemExit(f"--corpus {args.corpus} does not give the AR model's tokenizer; pass its corpus")
+    blocks = data.heldout_blocks[: args.prompts]
+    known = tasks(blocks)
+    rows = []
+    for variant in ("mdlm", "fuji", "seq"):
+        bundle = bundle_of(Path(args.examples) / f"text-{variant}.pt", Path(args.bundles))
+        runners = make_runners(bundle, "ort", "fp32", "cpu", graphs=list(sampler_graphs(variant)), threads=args.threads)
+        sampler = Sampler.from_bundle(bundle, {g: r.activate() for g, r in runners.items()})
+        for steps in (int(s) for s in args.steps.split(",")):
+            for task, clamped in known.items():
+                tokens = sample_batches(sampler, args.seed, len(blocks), steps, latent_steps_for(variant, steps), 64,
+                                        known=clamped).tokens
+                generated = clamped == FREE
+                row = {"variant": variant, "task": task, "steps": steps, "prompts": len(blocks),
+                       "gen_ppl": ar_perplexity(ar, tokens, scored=generated)}
+                if task == "infilling":
+                    row["token_accuracy"] = float((tokens[generated] == blocks[generated]).double().mean())
+                    row["original_ppl"] = ar_perplexity(ar, blocks, scored=generated)
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+    reference = {"heldout_continuation_ppl": ar_perplexity(ar, blocks, scored=known["continuation"] == FREE)}
+    Path(args.results).mkdir(parents=True, exist_ok=True)
+    write_json(Path(args.results) / "prompted.json",
+               {"command": " ".join(["python", "benchmarks/prompted.py", *sys.argv[1:]]), "reference": reference,
+                "rows": rows, "seconds": time.perf_counter() - started}, "the benchmark results")
+    print(f"held-out continuations under the AR model: {reference['heldout_continuation_ppl']:.1f}")
+    print("| variant | T | continuation gen PPL | infilling gen PPL | infilling token accuracy |")
+    print("|---|---:|---:|---:|---:|")
+    for r in rows:
+        if r["task"] == "continuation":
+            fill = next(x for x in rows if x["task"] == "infilling" and x["variant"] == r["variant"]
+                        and x["steps"] == r["steps"])
+            print(f"| {r['variant']} | {r['steps']} | {r['gen_ppl']:.1f} | {fill['gen_ppl']:.1f} | "
+                  f"{fill['token_accuracy']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
