@@ -338,7 +338,8 @@ def _save_int8(fp32, common: dict, feeds: list, fp16_islands: list, bundle_dir: 
 
     started = time.perf_counter()
     layers = linear_layers(fp32)
-    kept = outlier_layers(fp32, feeds) + [d for d in fp16_islands if d.node in layers]
+    outliers = outlier_layers(fp32, feeds)
+    kept = outliers + [d for d in fp16_islands if d.node in layers and d.node not in {o.node for o in outliers}]
     int8 = quantize_int8(fp32, feeds, [d.node for d in kept])
     set_metadata(int8, {**common, "lddm.precision": "int8", "lddm.keep_fp32_nodes": [d.node for d in kept]})
     return _save(int8, bundle_dir, name, "int8", started, log,

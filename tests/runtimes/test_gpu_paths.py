@@ -112,13 +112,17 @@ def test_tf32_is_cleared_and_the_batch_profile_set_for_every_engine(tmp_path, re
     build_engines(root, _manifest(root), ["fp32", "fp16"], PROFILE, log=lambda line: None,
                   timing_cache=tmp_path / "timing.cache")
     builds = [i for i, call in enumerate(recorded_build) if call[0] == "build_serialized_network"]
-    assert len(builds) == 2
+    graphs = [g for g in ("denoiser", "trunk", "head") for _ in ("fp32", "fp16")]   # the engines, in order
+    assert len(builds) == len(graphs)
     start = 0
-    for end in builds:                              # each engine's own config, before its build
+    for graph, end in zip(graphs, builds):          # each engine's own config, before its build
         calls = recorded_build[start:end]
         assert ("clear_flag", "BuilderFlag.TF32") in calls
-        assert ("set_shape", "x_t", (1, L), (2, L), (4, L)) in calls
-        assert ("set_shape", "t", (1,), (2,), (4,)) in calls
+        if graph == "head":                         # rows: 1 .. max batch x L (W = V here)
+            assert ("set_shape", "hidden", (1, V), (max(1, 2 * L // 16), V), (4 * L, V)) in calls
+        else:
+            assert ("set_shape", "x_t", (1, L), (2, L), (4, L)) in calls
+            assert ("set_shape", "t", (1,), (2,), (4,)) in calls
         start = end
 
 
@@ -128,8 +132,8 @@ def test_an_unwritable_timing_cache_keeps_the_built_engine(tmp_path, recorded_bu
     with pytest.warns(RuntimeWarning, match=r"could not save the TensorRT timing cache .*the engine is kept"):
         entries = build_engines(root, _manifest(root), ["fp32"], PROFILE, log=lambda line: None,
                                 timing_cache=tmp_path / "a-file" / "timing.cache")
-    assert [e["precision"] for e in entries] == ["fp32"]
-    assert (root / entries[0]["file"]).is_file()
+    assert [(e["graph"], e["precision"]) for e in entries] == [(g, "fp32") for g in ("denoiser", "trunk", "head")]
+    assert all((root / e["file"]).is_file() for e in entries)
 
 
 def test_the_default_timing_cache_is_in_the_users_cache_directory(tmp_path, monkeypatch):
@@ -150,8 +154,9 @@ def _external_data_bundle(root: Path) -> Path:
 def test_the_engine_hash_covers_external_data(tmp_path, recorded_build):
     root = _external_data_bundle(tmp_path / "b")
     graph, data = root / "onnx/denoiser.fp32.onnx", root / "onnx/denoiser.fp32.onnx.data"
-    entry, = build_engines(root, _manifest(root), ["fp32"], PROFILE, log=lambda line: None,
-                           timing_cache=tmp_path / "timing.cache")
+    entries = build_engines(root, _manifest(root), ["fp32"], PROFILE, log=lambda line: None,
+                            timing_cache=tmp_path / "timing.cache")
+    entry = next(e for e in entries if e["graph"] == "denoiser")
     assert entry["onnx_sha256"] == onnx_sha256(graph) != sha256_file(graph)
     data.write_bytes(data.read_bytes()[::-1])                  # other weights, same .onnx file
     assert onnx_sha256(graph) != entry["onnx_sha256"]
