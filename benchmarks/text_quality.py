@@ -24,10 +24,10 @@ pass (--score) needs every cell and writes results/text.json, text_run.json and 
     python benchmarks/text_quality.py --rows seq,seq_ty=T,fuji_fresh_latent,seq_fresh_latent
     python benchmarks/text_quality.py --score                   # results/text.json, text_*.png
 
-One reference-sampler step on 256 samples takes about 8 s of one core at the shipped size, so
-the full counts of T = 32, 64 and 128 cost about 2.5 CPU-hours per row; --reduced-from 32
---reduced-num 32 (the recorded run) keeps 5 x 256 samples for T <= 16 and draws 5 x 32 for
-the longer chains.
+One reference-sampler step on 256 samples takes 2.3-4 s of one core at the shipped size, so a
+cell of 256 samples at T = 128 costs about 5-8 minutes, and a row's T = 128 cells about 35;
+--reduced-from 128 --reduced-num 32 (the recorded run) keeps 5 x 256 samples for T <= 64 and
+draws 5 x 32 at T = 128.
 """
 from __future__ import annotations
 
