@@ -27,11 +27,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.bundles import benchmark_bundle  # noqa: E402
 from lddm_export.bench import paired_median_seconds  # noqa: E402
-from lddm_export.build import build_bundle, parse_options  # noqa: E402
 from runtimes.backends import make_runners  # noqa: E402
 from runtimes.bundle import Bundle  # noqa: E402
-from runtimes.fileio import sha256_file, write_json  # noqa: E402
+from runtimes.fileio import write_json  # noqa: E402
 from runtimes.noise import draw_noise, latent_shape  # noqa: E402
 from runtimes.samplers import Sampler, sample_batches, sampler_graphs  # noqa: E402
 from runtimes.schedules import latent_steps_for  # noqa: E402
@@ -40,18 +40,6 @@ from training.data import sample_sawtooth  # noqa: E402
 from training.metrics import ar_perplexity, sliced_wasserstein, unigram_entropy  # noqa: E402
 
 PRECISIONS = ("fp32", "int8")
-
-
-def bundle_of(ckpt: Path, bundles: Path) -> Bundle:
-    """The fp32 + int8 bundle of `ckpt` under `bundles`, rebuilt when missing or of another checkpoint."""
-    out = bundles / ckpt.stem
-    manifest = out / "manifest.json"
-    old = json.loads(manifest.read_text()) if manifest.is_file() else None
-    if not (old and old["checkpoint"]["sha256"] == sha256_file(ckpt)):
-        print(f"building {out} ...", flush=True)
-        build_bundle(ckpt, out, parse_options("fp32,int8", engines="off", batch="1,32,64", force=True),
-                     log=lambda line: print("  " + line, flush=True))
-    return Bundle.open(out)
 
 
 def samplers(bundle: Bundle, threads: int) -> dict[str, Sampler]:
@@ -70,7 +58,7 @@ def draw(sampler: Sampler, num: int, steps: int, seed: int = 0) -> torch.Tensor:
 def sawtooth_rows(args, bundles: Path) -> list[dict]:
     rows = []
     for variant in ("mdlm", "fuji", "seq"):
-        bundle = bundle_of(Path(args.examples) / f"sawtooth-{variant}.pt", bundles)
+        bundle = benchmark_bundle(Path(args.examples) / f"sawtooth-{variant}.pt", bundles, PRECISIONS)
         L, n = bundle.shapes["L"], args.sawtooth_samples
         data = sample_sawtooth(n, L, torch.Generator().manual_seed(10_000))
         floor = sliced_wasserstein(sample_sawtooth(n, L, torch.Generator().manual_seed(20_000)), data)
@@ -87,7 +75,7 @@ def text_rows(args, bundles: Path) -> tuple[list[dict], list[dict]]:
     evaluator = load_checkpoint(Path(args.examples) / "text-ar.pt")[0]
     quality, speed = [], []
     for variant in ("mdlm", "fuji", "seq"):
-        bundle = bundle_of(Path(args.examples) / f"text-{variant}.pt", bundles)
+        bundle = benchmark_bundle(Path(args.examples) / f"text-{variant}.pt", bundles, PRECISIONS)
         by_precision = samplers(bundle, args.threads)
         for steps in args.text_steps:
             row = {"model": f"text-{variant}", "steps": steps, "samples": args.text_samples}

@@ -25,10 +25,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lddm_export.build import build_bundle, parse_options  # noqa: E402
+from benchmarks.bundles import benchmark_bundle  # noqa: E402
 from runtimes.backends import make_runners  # noqa: E402
-from runtimes.bundle import Bundle  # noqa: E402
-from runtimes.fileio import sha256_file, write_json  # noqa: E402
+from runtimes.fileio import write_json  # noqa: E402
 from runtimes.prompts import FREE  # noqa: E402
 from runtimes.samplers import Sampler, sample_batches, sampler_graphs  # noqa: E402
 from runtimes.schedules import latent_steps_for  # noqa: E402
@@ -37,17 +36,6 @@ from training.data import TextData  # noqa: E402
 from training.metrics import ar_perplexity  # noqa: E402
 
 PROMPT_TOKENS, SPAN = 64, (48, 80)
-
-
-def bundle_of(ckpt: Path, bundles: Path) -> Bundle:
-    out = bundles / ckpt.stem
-    manifest = out / "manifest.json"
-    old = json.loads(manifest.read_text()) if manifest.is_file() else None
-    if not (old and old["checkpoint"]["sha256"] == sha256_file(ckpt) and old["batch_profile"]["max"] >= 64):
-        print(f"building {out} ...", flush=True)
-        build_bundle(ckpt, out, parse_options("fp32", engines="off", batch="1,64,64", calibrate=False, force=True),
-                     log=lambda line: None)
-    return Bundle.open(out)
 
 
 def tasks(blocks: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -81,7 +69,7 @@ def main() -> None:
     known = tasks(blocks)
     rows = []
     for variant in ("mdlm", "fuji", "seq"):
-        bundle = bundle_of(Path(args.examples) / f"text-{variant}.pt", Path(args.bundles))
+        bundle = benchmark_bundle(Path(args.examples) / f"text-{variant}.pt", Path(args.bundles))
         runners = make_runners(bundle, "ort", "fp32", "cpu", graphs=list(sampler_graphs(variant)), threads=args.threads)
         sampler = Sampler.from_bundle(bundle, {g: r.activate() for g, r in runners.items()})
         for steps in (int(s) for s in args.steps.split(",")):

@@ -32,26 +32,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lddm_export.build import DEFAULT_OPSET, build_bundle, parse_options  # noqa: E402
+from benchmarks.bundles import benchmark_bundle  # noqa: E402
 from lddm_export.bench import bench_bundle, format_table  # noqa: E402
-from lddm_export.manifest import sha256_file  # noqa: E402
 from runtimes.backends import make_runners  # noqa: E402
 from runtimes.bundle import Bundle  # noqa: E402
 from runtimes.noise import draw_noise, latent_shape  # noqa: E402
 from runtimes.samplers import Sampler, sampler_graphs  # noqa: E402
 from runtimes.schedules import latent_steps_for  # noqa: E402
 from training.checkpoint import load_reference_graphs  # noqa: E402
-
-
-def example_bundle(ckpt: Path, bundles: Path) -> Bundle:
-    """The bundle of `ckpt` under `bundles`, rebuilt only when it was built from another checkpoint
-    or at another opset than the default."""
-    out = bundles / ckpt.stem
-    manifest = out / "manifest.json"
-    old = json.loads(manifest.read_text()) if manifest.is_file() else None
-    if not (old and old["checkpoint"]["sha256"] == sha256_file(ckpt) and old["opset"] == DEFAULT_OPSET):
-        build_bundle(ckpt, out, parse_options("fp32,fp16", engines="off", force=True), log=lambda line: None)
-    return Bundle.open(out)
 
 
 def matmul_flops(path: Path, batch: int) -> int:
@@ -138,7 +126,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows, parity = [], []
     ceiling = gemm_ceiling_gflops(args.threads)
     for ckpt in examples:
-        bundle = example_bundle(ckpt, args.bundles)
+        bundle = benchmark_bundle(ckpt, args.bundles, ("fp32", "fp16"))
         new = bench_bundle(bundle, "ort", "fp32", "cpu", batches, args.steps, None, args.repeat, args.threads,
                            head="dense")
         for row in new:

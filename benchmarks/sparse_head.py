@@ -18,7 +18,6 @@ Bundles are built once under --bundles (FP32, no calibration, no engines).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -29,10 +28,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lddm_export.bench import paired_median_seconds, sampler_overhead  # noqa: E402
-from lddm_export.build import build_bundle, parse_options  # noqa: E402
+from benchmarks.bundles import benchmark_bundle  # noqa: E402
 from runtimes.backends import make_runners  # noqa: E402
 from runtimes.bundle import Bundle  # noqa: E402
-from runtimes.fileio import sha256_file, write_json  # noqa: E402
+from runtimes.fileio import write_json  # noqa: E402
 from runtimes.noise import draw_noise, latent_shape  # noqa: E402
 from runtimes.samplers import Sampler, sampler_graphs  # noqa: E402
 from runtimes.schedules import latent_steps_for  # noqa: E402
@@ -54,20 +53,6 @@ def edge_checkpoint(path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_checkpoint(path, model, tokenizer=None, train={"steps": 0, "note": "random edge-shaped benchmark model"})
     return path
-
-
-def bundle_of(ckpt: Path, bundles: Path, batch_max: int) -> Bundle:
-    """The FP32 bundle of `ckpt` under `bundles`, rebuilt when it is missing, of another checkpoint or
-    for smaller batches."""
-    out = bundles / ckpt.stem
-    manifest = out / "manifest.json"
-    old = json.loads(manifest.read_text()) if manifest.is_file() else None
-    if not (old and old["checkpoint"]["sha256"] == sha256_file(ckpt) and old["batch_profile"]["max"] >= batch_max):
-        print(f"building {out} ...", flush=True)
-        options = parse_options("fp32", engines="off", batch=f"1,{batch_max},{batch_max}", calibrate=False,
-                                force=True)
-        build_bundle(ckpt, out, options, log=lambda line: None)
-    return Bundle.open(out)
 
 
 def bench_model(bundle: Bundle, name: str, args) -> list[dict]:
@@ -152,7 +137,7 @@ def main() -> None:
     started, rows = time.perf_counter(), []
     for name in args.models.split(","):
         ckpt = edge_checkpoint(bundles / "edge-mdlm.pt") if name == "edge-mdlm" else Path(args.examples) / f"{name}.pt"
-        rows += bench_model(bundle_of(ckpt, bundles, max(args.batches)), name, args)
+        rows += bench_model(benchmark_bundle(ckpt, bundles, batch_max=max(args.batches)), name, args)
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     write_json(results / "sparse_head.json",

@@ -81,6 +81,18 @@ def tiny_checkpoint(path: Path, variant: str, seed: int = 0, text: bool = False,
     return path
 
 
+def run_sample(capsys, *args) -> tuple[int, str]:
+    """Run `lddm-export sample ARGS` in-process; returns (exit code, stderr)."""
+    from lddm_export.cli import main
+
+    code = 0
+    try:
+        main(["sample", *map(str, args)])
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
 def build_tiny_bundle(out: Path, ckpt: Path) -> Path:
     """The FP32 bundle of `ckpt` at `out`, built by lddm_export.build (no engines, no calibration)."""
     from lddm_export.build import build_bundle, parse_options

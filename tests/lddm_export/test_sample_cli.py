@@ -7,25 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from fixtures import cached_tiny_bundle, copy_bundle, tiny_checkpoint
+from fixtures import cached_tiny_bundle, copy_bundle, run_sample, tiny_checkpoint
 from lddm_export.cli import main
 from training import sampling
 from training.checkpoint import load_checkpoint
 
 
-def run_cli(capsys, *args) -> tuple[int, str]:
-    """Run `lddm-export sample ARGS` in-process; returns (exit code, stderr)."""
-    code = 0
-    try:
-        main(["sample", *map(str, args)])
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
-
-
 def refused(capsys, out, *args) -> str:
     """Assert a refusal: exit 1, one 'lddm-export: error:' sentence, no traceback, nothing written."""
-    code, err = run_cli(capsys, "--out", out, *args)
+    code, err = run_sample(capsys, "--out", out, *args)
     message = [line for line in err.splitlines() if line.startswith("lddm-export: error:")]
     assert code == 1 and len(message) == 1, err
     assert "Traceback" not in err
@@ -40,7 +30,7 @@ def seq_bundle(bundle_cache):  # noqa: F811
 
 def test_npy_holds_int64_ids_and_matches_the_reference_sampler(capsys, tmp_path, seq_bundle):
     out = tmp_path / "samples.npy"
-    code, _ = run_cli(capsys, "--bundle", seq_bundle, "--backend", "torch", "--steps", 3, "--latent-steps", 2,
+    code, _ = run_sample(capsys, "--bundle", seq_bundle, "--backend", "torch", "--steps", 3, "--latent-steps", 2,
                       "--num", 5, "--batch-size", 2, "--seed", 9, "--out", out)
     assert code == 0
     tokens = np.load(out)
@@ -55,17 +45,17 @@ def test_compile_flag_gives_the_same_samples(capsys, tmp_path, seq_bundle):
     """--compile (here the token step only: the ort backend) changes the kernels, not the draws."""
     eager, compiled = tmp_path / "eager.npy", tmp_path / "compiled.npy"
     args = ("--bundle", seq_bundle, "--steps", 3, "--num", 6, "--batch-size", 3, "--seed", 2)
-    assert run_cli(capsys, *args, "--out", eager)[0] == 0
-    assert run_cli(capsys, *args, "--compile", "--out", compiled)[0] == 0
+    assert run_sample(capsys, *args, "--out", eager)[0] == 0
+    assert run_sample(capsys, *args, "--compile", "--out", compiled)[0] == 0
     assert (np.load(eager) == np.load(compiled)).mean() >= 0.999
 
 
 def test_seq_latent_steps_default_to_steps(capsys, tmp_path, seq_bundle):
     default, explicit = tmp_path / "a.npy", tmp_path / "b.npy"
-    code, err = run_cli(capsys, "--bundle", seq_bundle, "--steps", 3, "--num", 4, "--out", default)
+    code, err = run_sample(capsys, "--bundle", seq_bundle, "--steps", 3, "--num", 4, "--out", default)
     assert code == 0 and "sample seq (ort): 6/6 steps (100%)" in err  # 3 latent + 3 token steps
     assert "\r" not in err and err.count("6/6 steps") == 1  # not a terminal: plain lines, the end once
-    assert run_cli(capsys, "--bundle", seq_bundle, "--steps", 3, "--latent-steps", 3, "--num", 4,
+    assert run_sample(capsys, "--bundle", seq_bundle, "--steps", 3, "--latent-steps", 3, "--num", 4,
                    "--out", explicit)[0] == 0
     np.testing.assert_array_equal(np.load(default), np.load(explicit))
 
@@ -75,7 +65,7 @@ def test_jsonl_holds_ids_and_text(capsys, tmp_path, bundle_cache):  # noqa: F811
     text = cached_tiny_bundle(bundle_cache, "mdlm", text=True)
     for bundle, has_text in ((sawtooth, False), (text, True)):
         out = tmp_path / f"{has_text}.jsonl"
-        assert run_cli(capsys, "--bundle", bundle, "--steps", 4, "--num", 3, "--out", out)[0] == 0
+        assert run_sample(capsys, "--bundle", bundle, "--steps", 4, "--num", 3, "--out", out)[0] == 0
         rows = [json.loads(line) for line in out.read_text().splitlines()]
         assert len(rows) == 3 and all(len(r["ids"]) == 16 for r in rows)
         if has_text:
@@ -136,7 +126,7 @@ def test_torch_backend_without_its_checkpoint_is_refused(capsys, tmp_path, seq_b
     tiny_checkpoint(root / "model.pt", "seq", seed=7)  # a different model at the recorded path
     assert "sha256 differs" in refused(capsys, tmp_path / "x.npy", *base)
     out = tmp_path / "ok.npy"
-    assert run_cli(capsys, *base, "--ckpt", moved, "--out", out)[0] == 0 and np.load(out).shape == (2, 16)
+    assert run_sample(capsys, *base, "--ckpt", moved, "--out", out)[0] == 0 and np.load(out).shape == (2, 16)
 
 
 def test_a_damaged_bundle_is_refused(capsys, tmp_path, seq_bundle):

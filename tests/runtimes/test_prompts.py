@@ -7,8 +7,7 @@ import json
 import pytest
 import torch
 
-from fixtures import cached_tiny_bundle, tiny_tokenizer_entry
-from lddm_export.cli import main
+from fixtures import cached_tiny_bundle, run_sample, tiny_tokenizer_entry
 from runtimes.backends import make_runners
 from runtimes.bundle import Bundle
 from runtimes.noise import draw_noise, latent_shape
@@ -124,15 +123,6 @@ def test_a_prompts_file_names_its_bad_line(encoder, tmp_path):
 
 
 # ----------------------------------------------------------------------------- the sample command
-
-def run_sample(capsys, *args) -> tuple[int, str]:
-    code = 0
-    try:
-        main(["sample", *map(str, args)])
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
-
 
 def test_sample_writes_the_prompt_and_the_generated_spans(bundle_cache, tmp_path, capsys):  # noqa: F811
     text = cached_tiny_bundle(bundle_cache, "mdlm", text=True)
