@@ -135,11 +135,9 @@ def command(bundle_dir, backend, precision, device, steps, latent_steps, num, ba
         raise LddmError(f"--latent-steps applies to seq bundles only, and {bundle_dir} is {bundle.variant}; drop it")
     latent_steps = latent_steps_for(bundle.variant, steps, latent_steps)
     prompts = read_prompts(bundle, prompt, template, prompts_file, hole_tokens)
-    known = None
-
-    if prompts is not None:
-        known = torch.tensor([p.known for p in prompts for _ in range(num)], dtype=torch.int64)
-        num = len(known)
+    per_sample = None if prompts is None else [p for p in prompts for _ in range(num)]   # --num each
+    known = None if per_sample is None else torch.tensor([p.known for p in per_sample], dtype=torch.int64)
+    num = num if per_sample is None else len(per_sample)
     max_batch = bundle.manifest["batch_profile"]["max"]
     batch_size = batch_size or min(num, max_batch)
     if batch_size > max_batch:
@@ -162,8 +160,7 @@ def command(bundle_dir, backend, precision, device, steps, latent_steps, num, ba
         runner.deactivate()
     tokens = result.tokens.numpy()
     prompted = None
-    if prompts is not None and out.suffix == ".jsonl":
-        per_sample = [p for p in prompts for _ in range(len(tokens) // len(prompts))]
+    if per_sample is not None and out.suffix == ".jsonl":
         prompted = [{"prompt": p.text, "generated": decoder.decode(generated_spans(ids, p.known))}
                     for ids, p in zip(tokens.tolist(), per_sample)]
     write_samples(out, tokens, decoder.decode(tokens) if out.suffix == ".jsonl" else [], prompted)
