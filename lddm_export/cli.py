@@ -23,6 +23,8 @@ COMMANDS = {
     "sample": "sample from a bundle with a backend (torch, ort, trt)",
     "bench": "time the sampling loop per step on a bundle",
     "verify": "three-level numerical parity of a bundle against its checkpoint",
+    "serve": "serve a bundle's sampler over HTTP and gRPC (Triton Inference Server via PyTriton)",
+    "triton-repo": "write a Triton model repository: the sampling loop as a BLS model, the graphs as models",
 }
 
 
@@ -33,7 +35,7 @@ class LazyGroup(click.Group):
     def get_command(self, ctx, name):
         if name not in COMMANDS:
             return None
-        return importlib.import_module(f"lddm_export.commands.{name}").command
+        return importlib.import_module(f"lddm_export.commands.{name.replace('-', '_')}").command
 
     def format_commands(self, ctx, formatter):
         with formatter.section("Commands"):

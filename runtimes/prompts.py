@@ -76,7 +76,9 @@ class PromptEncoder:
                               f"shorten it to fewer than {self.seq_len} tokens")
         return Prompt(text, False, tuple(ids + [FREE] * (self.seq_len - len(ids))))
 
-    def template(self, text: str, where: str = "--template") -> Prompt:
+    def template(self, text: str, where: str = "--template", hole_tokens: int | None = None) -> Prompt:
+        """`text` with each HOLE as hole_tokens generated positions (default: the encoder's)."""
+        hole_tokens = hole_tokens or self.hole_tokens
         pieces = text.split(HOLE)
         if len(pieces) == 1:
             raise PromptError(f"{where} has no hole; mark each span to fill with {HOLE!r}")
@@ -86,9 +88,9 @@ class PromptEncoder:
         for i, piece in enumerate(pieces):
             known += self._ids(piece, where) if piece else []
             if i < len(pieces) - 1:
-                known += [FREE] * self.hole_tokens
+                known += [FREE] * hole_tokens
         if len(known) > self.seq_len:
-            raise PromptError(f"{where} is {len(known)} tokens with its holes of {self.hole_tokens}, but the "
+            raise PromptError(f"{where} is {len(known)} tokens with its holes of {hole_tokens}, but the "
                               f"model samples {self.seq_len}; shorten it or lower --hole-tokens")
         return Prompt(text, True, tuple(known + [FREE] * (self.seq_len - len(known))))
 

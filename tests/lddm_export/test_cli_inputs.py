@@ -87,6 +87,16 @@ EXPORT_CASES = [
     (["build", "--ckpt", "c", "--workspace-mb", "0"], "--workspace-mb must be a positive integer, got 0"),
     (["build", "--ckpt", "c", "--max-model-gib", "nan"], "--max-model-gib nan must be a positive number of GiB"),
     (["sample", "--stepz", "2"], "No such option '--stepz'"),
+    (["serve", "--bundle", "b", "--port", "80"], "--port must be an integer >= 1024, got 80"),
+    (["serve", "--bundle", "b", "--port", "65534"], "--port 65534 is above the limit of 65533"),
+    (["serve", "--bundle", "b", "--max-samples", "0"], "--max-samples must be a positive integer, got 0"),
+    (["serve", "--bundle", "b", "--queue-delay-ms", "-1"], "--queue-delay-ms must be a non-negative integer"),
+    (["serve", "--bundle", "b", "--model-name", "a/b"], "--model-name 'a/b' is not a model name"),
+    (["serve", "--bundle", "b", "--backend", "tpu"], "backend 'tpu' is unknown"),
+    (["serve", "--bundle", "b"], "bundle b is not a directory"),
+    (["triton-repo", "--bundle", "b", "--out", "r", "--instances", "0"], "--instances must be a positive integer"),
+    (["triton-repo", "--bundle", "b", "--out", "r", "--precision", "fp8"], "precision 'fp8' is unknown"),
+    (["triton-repo", "--bundle", "b", "--out", "r"], "bundle b is not a directory"),
 ]
 
 
