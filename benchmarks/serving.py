@@ -31,6 +31,9 @@ from bundles import benchmark_bundle  # noqa: E402
 from serve_client import request_inputs, response_fields  # noqa: E402
 
 
+BATCHES: list[int] = []   # the size of every dynamic batch the server logged, in order
+
+
 def start_server(bundle: Path, port: int, args) -> subprocess.Popen:
     server = subprocess.Popen(
         [sys.executable, "-m", "lddm_export.cli", "serve", "--bundle", str(bundle), "--port", str(port),
@@ -41,7 +44,12 @@ def start_server(bundle: Path, port: int, args) -> subprocess.Popen:
             break
     else:
         raise SystemExit("the server did not start")
-    threading.Thread(target=lambda: [None for _ in server.stderr], daemon=True).start()   # keep its pipe drained
+    def read_log() -> None:
+        for line in server.stderr:
+            if line.startswith("served a batch of "):
+                BATCHES.append(int(line.split()[4]))
+
+    threading.Thread(target=read_log, daemon=True).start()
     return server
 
 
@@ -65,7 +73,7 @@ def round_of(port: int, clients: int, args) -> dict:
                     latencies.append(time.perf_counter() - start)
                 seed += 1
 
-    start = time.perf_counter()
+    start, first_batch = time.perf_counter(), len(BATCHES)
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     for thread in threads:
         thread.start()
@@ -73,8 +81,11 @@ def round_of(port: int, clients: int, args) -> dict:
         thread.join()
     wall = time.perf_counter() - start
     latencies.sort()
+    time.sleep(0.5)   # the server's log of the last batch
+    batches = BATCHES[first_batch:]
     row = {"clients": clients, "samples": served[0], "wall_s": wall, "samples_per_s": served[0] / wall,
-           "request_latency_median_s": latencies[len(latencies) // 2]}
+           "request_latency_median_s": latencies[len(latencies) // 2],
+           "requests_per_batch_mean": sum(batches) / len(batches), "requests_per_batch_max": max(batches)}
     print(json.dumps(row), flush=True)
     return row
 
@@ -106,6 +117,7 @@ def plot(result: dict, path: Path) -> None:
                label=f"one lddm-export sample process (batch {result['sample_process']['batch_size']})")
     ax.set_xscale("log", base=2)
     ax.set_xticks([r["clients"] for r in rounds], [str(r["clients"]) for r in rounds])
+    ax.set_ylim(bottom=0)
     ax.set_xlabel("concurrent clients")
     ax.set_ylabel("samples / s")
     ax.set_title(f"{result['bundle']}, T = {result['steps']}, ORT-CPU, {result['threads']} thread(s)", fontsize=9)
