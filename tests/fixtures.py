@@ -163,6 +163,16 @@ def built_example_bundle(cache_dir: Path, ckpt: Path) -> Path:
     return out
 
 
+def cached_full_bundle(cache_dir: Path, variant: str) -> tuple[Path, Path]:
+    """(bundle, checkpoint): the default build (FP32 and calibrated mixed FP16, no engines) of the
+    tiny `variant` checkpoint, built once per cache for every test that only reads it."""
+    ckpt = Path(cache_dir) / "full" / f"tiny-{variant}.pt"
+    if not ckpt.is_file():
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        tiny_checkpoint(ckpt, variant)
+    return built_example_bundle(ckpt.parent, ckpt), ckpt
+
+
 # ----------------------------------------------------------------------------- exported tiny graphs
 
 def random_model(variant: str, seed: int = 0, std: float = 0.2, **sizes) -> LDDM:

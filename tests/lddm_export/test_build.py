@@ -118,7 +118,8 @@ def test_unchanged_checkpoint_skips_export(bundle, ckpt):
 
 def test_default_out_dir(workdir, ckpt, monkeypatch):
     monkeypatch.chdir(workdir)
-    result = CliRunner().invoke(cli, ["build", "--ckpt", str(ckpt), "--engines", "off", "--precision", "fp16"])
+    result = CliRunner().invoke(cli, ["build", "--ckpt", str(ckpt), "--engines", "off", "--precision", "fp16",
+                                      "--no-calibrate"])
     assert result.exit_code == 0, result.output
     assert Bundle.open(workdir / "bundles" / "mdlm").manifest["graphs"]["denoiser"]["onnx"] == {
         "fp16": "onnx/denoiser.fp16.onnx"}
@@ -135,7 +136,8 @@ def test_failure_mid_build_leaves_the_previous_bundle(bundle, ckpt, monkeypatch,
 
     monkeypatch.setattr("lddm_export.fp16.to_mixed_fp16_with_report", fail_after_fp32)
     with pytest.raises(type(exception)):
-        build.build_bundle(ckpt, bundle, build.parse_options(engines="off", force=True), log=lambda line: None)
+        build.build_bundle(ckpt, bundle, build.parse_options(engines="off", force=True, calibrate=False),
+                           log=lambda line: None)
     assert snapshot(bundle) == before
     assert leftovers(bundle.parent, bundle.name) == []
 

@@ -12,7 +12,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from fixtures import tiny_checkpoint, tiny_config
+from fixtures import cached_full_bundle, tiny_checkpoint, tiny_config
 from lddm_export.build import build_bundle, parse_options
 from lddm_export.manifest import read_manifest, write_manifest
 from lddm_export.verify import VerifyOptions, verify_bundle
@@ -23,12 +23,9 @@ FAST = VerifyOptions(steps=4, latent_steps=4, trajectory_samples=4, distribution
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    """A tiny seq bundle (three graphs) built by the real build, and its checkpoint."""
-    root = tmp_path_factory.mktemp("verify")
-    ckpt = tiny_checkpoint(root / "model.pt", "seq")
-    bundle = build_bundle(ckpt, root / "bundle", parse_options(engines="off"), log=lambda line: None)
-    return bundle, ckpt
+def built(bundle_cache):
+    """A tiny seq bundle (every kind of graph) built by the real build, and its checkpoint."""
+    return cached_full_bundle(bundle_cache, "seq")
 
 
 @pytest.fixture

@@ -34,7 +34,7 @@ VARIANTS = ("mdlm", "fuji", "seq")
 B, T_X, T_Y = 16, 6, 4
 TOKEN_AGREEMENT = 0.999
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-SWD_SAMPLES, SWD_BATCH, SWD_STEPS, SWD_MARGIN = 1000, 50, 4, 0.05
+SWD_SAMPLES, SWD_BATCH, SWD_STEPS, SWD_MARGIN = 1000, 64, 4, 0.05
 LATENT_ATOL = 1e-3  # max abs error of y0_hat per step (values are O(1)), ORT FP32 vs torch
 
 
@@ -223,8 +223,7 @@ def test_fp16_samples_of_the_sawtooth_examples_are_within_5pct_swd_of_fp32(varia
     1000 samples per precision (4 token steps; seq 4 latent steps), the same draws for both
     (common random numbers: the difference measures the precision, not the Monte-Carlo noise
     of two independent sample sets), against 1000 fresh sawtooth sequences, SWD over 1000
-    directions. For scale, the report also gives the SWD change between two independent FP32
-    sample sets (seeds 0 and 10000) and the data floor.
+    directions. For scale, the report also gives the data floor (two independent data sets).
     """
     ckpt = EXAMPLES / f"sawtooth-{variant}.pt"
     if not ckpt.is_file():
@@ -240,13 +239,12 @@ def test_fp16_samples_of_the_sawtooth_examples_are_within_5pct_swd_of_fp32(varia
         sampler = active_sampler(bundle, "ort", precision)
         return sample_batches(sampler, seed, SWD_SAMPLES, SWD_STEPS, T_y, SWD_BATCH).tokens
 
-    fp32, fp16, fp32_other = draw("fp32", 0), draw("fp16", 0), draw("fp32", 10_000)
+    fp32, fp16 = draw("fp32", 0), draw("fp16", 0)
     L = bundle.shapes["L"]
     data = sample_sawtooth(SWD_SAMPLES, L, torch.Generator().manual_seed(1))
     data_other = sample_sawtooth(SWD_SAMPLES, L, torch.Generator().manual_seed(2))
     swd32, swd16 = sliced_wasserstein(fp32, data), sliced_wasserstein(fp16, data)
     report = {"swd_fp32": swd32, "swd_fp16": swd16, "relative_change": abs(swd16 - swd32) / swd32,
-              "independent_fp32_relative_change": abs(sliced_wasserstein(fp32_other, data) - swd32) / swd32,
               "data_floor": sliced_wasserstein(data_other, data),
               "token_agreement_fp16_fp32": (fp16 == fp32).double().mean().item()}
     record_property(f"fp16_swd_{variant}", json.dumps(report))
