@@ -19,6 +19,7 @@ MAX_SAMPLES = 10_000_000          # samples of one run (--num, verify --samples)
 MAX_BATCH = 65_536                # a batch, and every entry of a batch profile
 MAX_SEED = 2**32 - 1
 MAX_THREADS = 1024
+MAX_LATENT_CANDIDATES = 256       # SEQ latent chains per prompted sample
 MAX_NOISE_BYTES = 4 * 2**30       # one call's noise: u float64 [T_x, B, L] and y_init float32 [B, P, D]
 MAX_RESULT_BYTES = 4 * 2**30      # a run's samples held in memory: int64 [K, L] and float32 [K, P, D]
 MAX_GRAPH_CALLS = 100_000_000     # graph calls of one run: about a day at 1 ms a call

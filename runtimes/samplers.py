@@ -31,7 +31,7 @@ import torch
 
 from runtimes.base import Runner
 from runtimes.errors import LddmError, ShapeMismatch
-from runtimes.noise import Noise, draw_noise, latent_shape
+from runtimes.noise import Noise, check_latent_candidates, draw_noise, latent_shape
 from runtimes.prompts import start_tokens
 from runtimes.schedules import LatentSchedule, MaskSchedule, from_manifest, time_grid
 from runtimes.spec import GRAPHS_BY_VARIANT, HEADS
@@ -217,13 +217,18 @@ class Sampler:
         if noise.y_init is not None and self.variant != "mdlm" and tuple(noise.y_init.shape) != (noise.batch, P, D):
             raise ShapeMismatch(f"noise y_init must have shape [B, P, D] = {[noise.batch, P, D]}, "
                                 f"got {list(noise.y_init.shape)}")
+        if noise.latent_candidates > 1:
+            check_latent_candidates(self.variant, noise.latent_candidates, known)
+            if tuple(noise.y_candidates.shape) != (noise.latent_candidates - 1, noise.batch, P, D):
+                raise ShapeMismatch(f"noise y_candidates must have shape [C - 1, B, P, D], got "
+                                    f"{list(noise.y_candidates.shape)}; draw it with draw_noise(..., latent_candidates=C)")
         x = start_tokens(known, noise.batch, L, self.shapes["mask_id"], self.device)
         noise = noise.to(self.device)
         if self.variant == "mdlm":
             return self._mdlm(noise, x)
         if self.variant == "fuji":
             return self._fuji(noise, x)
-        return self._seq(noise, latent_steps, x)
+        return self._seq(noise, latent_steps, x, None if known is None else known.to(self.device))
 
     def sample(self, noise: Noise, latent_steps: int | None = None,
                callback: Callable[[Step], None] | None = None, known: torch.Tensor | None = None) -> Samples:
@@ -275,15 +280,31 @@ class Sampler:
     def _rows(self, x, u, alphas, k) -> torch.Tensor:
         return unmasking_rows(x, u, alphas[k], alphas[k + 1], self.shapes["mask_id"])
 
-    def _sparse_step(self, x, hidden, rows, u, alphas, k) -> torch.Tensor:
-        """The head at `rows` of the trunk's hidden [B, L, W], and the draw there."""
+    def _head_rows(self, hidden, rows) -> torch.Tensor:
+        """The head's log_probs [N, V] at `rows` (flat indices) of the trunk's hidden [B, L, W]."""
         flat, n = hidden.reshape(-1, hidden.shape[-1]), rows.numel()
         gather = rows
         if self.pad_rows:
             gather = torch.cat([rows, rows[:1].expand(min(1 << (n - 1).bit_length(), flat.shape[0]) - n)])
-        log_probs = self.runners["head"].infer({"hidden": flat.index_select(0, gather)})["log_probs"][:n]
-        return sparse_token_step(x, rows, log_probs, u, alphas[k], alphas[k + 1], self.shapes["mask_id"],
-                                 self.float64_draws)
+        return self.runners["head"].infer({"hidden": flat.index_select(0, gather)})["log_probs"][:n]
+
+    def _sparse_step(self, x, hidden, rows, u, alphas, k) -> torch.Tensor:
+        """The head at `rows` of the trunk's hidden [B, L, W], and the draw there."""
+        return sparse_token_step(x, rows, self._head_rows(hidden, rows), u, alphas[k], alphas[k + 1],
+                                 self.shapes["mask_id"], self.float64_draws)
+
+    def _prompt_log_likelihood(self, y0: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+        """log p(the clamped tokens | every position masked, y0, t = 1) per sample, float64 [B]:
+        how well a SEQ latent explains the prompt, by the token network's first step."""
+        B, L = known.shape
+        feed = {"x_t": torch.full_like(known, self.shapes["mask_id"]), "y0": y0, "t": self._t(1.0, B)}
+        rows = (known >= 0).flatten().nonzero().squeeze(1)
+        if self.head == "dense":
+            log_probs = self.runners["token_denoiser"].infer(feed)["log_probs"].reshape(B * L, -1)[rows]
+        else:
+            log_probs = self._head_rows(self.runners["trunk"].infer(feed)["hidden"], rows)
+        picked = log_probs.gather(1, known.flatten()[rows, None])[:, 0].double()
+        return torch.zeros(B, dtype=torch.float64, device=self.device).index_add_(0, rows // L, picked)
 
     def _token_update(self, k, x, feed, u, alphas, trunk_always: bool = False):
         """One token step of FUJI or SEQ from the token network's feed.
@@ -337,15 +358,27 @@ class Sampler:
             y = ddim_step(y, y0_hat, alpha_sigmas[k], alpha_sigmas[k + 1])
             yield Step("token", k, T, grid[k], grid[k + 1], x, y, y0_hat)
 
-    def _seq(self, noise: Noise, latent_steps: int, x: torch.Tensor) -> Iterator[Step]:
-        B, T_x, T_y = noise.batch, noise.token_steps, latent_steps
+    def _seq(self, noise: Noise, latent_steps: int, x: torch.Tensor, known: torch.Tensor | None) -> Iterator[Step]:
+        """SEQ: the latent chain (for each of C candidates, keeping the one whose latent best
+        explains the clamped tokens, the first on a tie), then the token chain on its y0."""
+        B, T_x, T_y, C = noise.batch, noise.token_steps, latent_steps, noise.latent_candidates
         latent_denoiser = self.runners["latent_denoiser"]
-        (grid, alpha_sigmas), y = self._latent_chain(T_y), noise.y_init
-        for j in range(T_y):
-            y0_hat = latent_denoiser.infer({"y_t": y, "t": self._t(grid[j], B)})["y0_hat"].clone()
-            y = ddim_step(y, y0_hat, alpha_sigmas[j], alpha_sigmas[j + 1])
-            yield Step("latent", j, T_y, grid[j], grid[j + 1], x, y, y0_hat)
-        y0, (grid, alphas) = y0_hat, self._token_chain(T_x)
+        (grid, alpha_sigmas), y0, best = self._latent_chain(T_y), None, None
+        for c, y in enumerate(noise.initial_latents()):
+            for j in range(T_y):
+                y0_hat = latent_denoiser.infer({"y_t": y, "t": self._t(grid[j], B)})["y0_hat"].clone()
+                y = ddim_step(y, y0_hat, alpha_sigmas[j], alpha_sigmas[j + 1])
+                yield Step("latent", c * T_y + j, C * T_y, grid[j], grid[j + 1], x, y, y0_hat)
+            if C == 1:
+                y0 = y0_hat
+                break
+            score = self._prompt_log_likelihood(y0_hat, known)
+            if y0 is None:
+                y0, best = y0_hat, score
+            else:
+                y0 = torch.where((score > best)[:, None, None], y0_hat, y0)
+                best = torch.maximum(score, best)
+        grid, alphas = self._token_chain(T_x)
         for k in range(T_x):
             x, _, called = self._token_update(k, x, {"x_t": x, "y0": y0, "t": self._t(grid[k], B)}, noise.u[k], alphas)
             yield Step("token", k, T_x, grid[k], grid[k + 1], x, y0, None, called)
@@ -353,7 +386,7 @@ class Sampler:
 
 def sample_batches(sampler: Sampler, seed: int, num: int, steps: int, latent_steps: int | None = None,
                    batch_size: int = 256, callback: Callable[[int, Step], None] | None = None,
-                   known: torch.Tensor | None = None) -> Samples:
+                   known: torch.Tensor | None = None, latent_candidates: int = 1) -> Samples:
     """Draw `num` samples in batches; batch b uses seed + b (docs/contracts.md, the CLI convention).
 
     Args:
@@ -364,6 +397,7 @@ def sample_batches(sampler: Sampler, seed: int, num: int, steps: int, latent_ste
         batch_size: B, samples per call (the last may be smaller).
         callback: called as callback(b, step) after every step of batch b (progress bars).
         known: int64 [K, L] clamped tokens (Sampler.steps), or None.
+        latent_candidates: C, SEQ's latent chains per sample, the one that best explains `known` kept.
     Returns:
         Samples on the CPU: tokens int64 [K, L]; latent float32 [K, P, D] or None.
     """
@@ -371,7 +405,7 @@ def sample_batches(sampler: Sampler, seed: int, num: int, steps: int, latent_ste
     tokens, latents = [], []
     for b, start in enumerate(range(0, num, batch_size)):
         noise = draw_noise(seed + b, min(batch_size, num - start), steps, shapes["L"],
-                           latent_shape(sampler.variant, shapes))
+                           latent_shape(sampler.variant, shapes), latent_candidates)
         result = sampler.sample(noise, latent_steps, None if callback is None else lambda step: callback(b, step),
                                 None if known is None else known[start:start + noise.batch])
         tokens.append(result.tokens.cpu())

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from runtimes.errors import LddmError, ShapeMismatch
-from runtimes.noise import Noise, draw_noise
+from runtimes.noise import Noise, check_latent_candidates, draw_noise
 from runtimes.prompts import start_tokens
 from runtimes.options import MAX_BATCH, MAX_SAMPLES, MAX_STEPS, check_int
 from runtimes.schedules import latent_steps_for, time_grid
@@ -129,6 +129,7 @@ class _Chain:
         noise = noise.to(self.device)
         self.u = noise.u  # (T_x, B, L) float64
         self.y_init = noise.y_init.float() if cfg.has_latent else None
+        self.initial_latents = [y.float() for y in noise.initial_latents()] if cfg.has_latent else []
         self.known = known
 
     def start(self) -> torch.Tensor:
@@ -230,28 +231,42 @@ def sample_seq(model: LDDM, noise: Noise, latent_steps: int, float64: bool = Tru
 
     Args:
         model: a "seq" LDDM.
-        noise: from make_noise(seed, B, cfg, T_x); T_x = noise.token_steps.
+        noise: from make_noise(seed, B, cfg, T_x); T_x = noise.token_steps. With C > 1 latent
+            candidates (noise.y_candidates, runtimes.noise) each runs the latent chain, and each
+            sample keeps the candidate whose y0 gives its known tokens the highest log-likelihood
+            under the token network's first step (all masked, t = 1), the first on a tie.
         latent_steps: T_y (each chain on its own grid t_k = 1 - k / T).
-        float64, known: as in sample_mdlm (the latent chain does not see the known tokens).
-        callback: called with a Step after every step: the T_y latent steps first (phase
-            "latent", x all masked, y after the DDIM update, y0_hat), then the T_x token steps
+        float64, known: as in sample_mdlm (the latent chain does not see the known tokens;
+            candidates need them).
+        callback: called with a Step after every step: the C x T_y latent steps first (phase
+            "latent", x the start, y after the DDIM update, y0_hat), then the T_x token steps
             (y the clean y0, y0_hat None); or None.
     Returns:
         Samples(tokens int64 [B, L], latent float32 [B, P, D] = the latent chain's last y0_hat).
     """
     _require_variant(model, "seq")
     check_int("latent_steps", latent_steps, 1, MAX_STEPS)
+    check_latent_candidates("seq", noise.latent_candidates, known)
     model.eval()
     chain = _Chain(model, noise, float64, known)
-    x, y = chain.start(), chain.y_init
+    x, C = chain.start(), noise.latent_candidates
     grid = time_grid(latent_steps)
-    y0 = None
-    for j in range(latent_steps):
-        t, s = grid[j], grid[j + 1]
-        y0 = model.latent_denoiser(y, chain.t_tensor(t))
-        y = chain.latent_update(y, y0, t, s)
-        if callback is not None:
-            callback(Step("latent", j, latent_steps, t, s, x, y, y0))
+    y0 = best = None
+    for c, y in enumerate(chain.initial_latents):   # C candidates: keep the best-explaining, the first on a tie
+        for j in range(latent_steps):
+            t, s = grid[j], grid[j + 1]
+            y0_hat = model.latent_denoiser(y, chain.t_tensor(t))
+            y = chain.latent_update(y, y0_hat, t, s)
+            if callback is not None:
+                callback(Step("latent", c * latent_steps + j, C * latent_steps, t, s, x, y, y0_hat))
+        if C == 1:
+            y0 = y0_hat
+        elif y0 is None:
+            y0, best = y0_hat, _prompt_log_likelihood(model, y0_hat, chain)
+        else:
+            score = _prompt_log_likelihood(model, y0_hat, chain)
+            y0 = torch.where((score > best)[:, None, None], y0_hat, y0)
+            best = torch.maximum(score, best)
     T_x = chain.token_steps
     grid = time_grid(T_x)
     for k in range(T_x):
@@ -261,6 +276,16 @@ def sample_seq(model: LDDM, noise: Noise, latent_steps: int, float64: bool = Tru
         if callback is not None:
             callback(Step("token", k, T_x, t, s, x, y0, None))
     return Samples(x, y0)
+
+
+def _prompt_log_likelihood(model: LDDM, y0: torch.Tensor, chain: "_Chain") -> torch.Tensor:
+    """log p(the clamped tokens | every position masked, y0, t = 1) per sample, float64 [B]: how
+    well a SEQ latent candidate explains the prompt (docs/contracts.md, "Samplers")."""
+    known = torch.as_tensor(chain.known).to(y0.device)
+    masked = torch.full_like(known, model.cfg.total_vocab - 1)
+    log_probs, _ = model.token_denoiser(masked, y0, chain.t_tensor(1.0))
+    picked = log_probs.gather(-1, known.clamp_min(0)[..., None])[..., 0].double()
+    return (picked * (known >= 0)).sum(-1)
 
 
 @torch.no_grad()

@@ -10,7 +10,9 @@ prompt's tokens at the start, --template TEXT clamps the text around each "____"
 --hole-tokens tokens), --prompts FILE reads one {"prompt": ...} or {"template": ...} per line;
 --num samples are drawn per prompt, and each .jsonl line also carries "prompt" (as given) and
 "generated" (the decoded generated spans, in order).
-SEQ bundles run a latent chain of --latent-steps steps first; it defaults to --steps.
+SEQ bundles run a latent chain of --latent-steps steps first; it defaults to --steps. With a
+prompt, --latent-candidates C runs C latent chains per sample and keeps the latent that best
+explains the prompt (runtimes/samplers.py), since SEQ's latent chain does not see the prompt.
 Integer options have the ranges of runtimes/options.py (shown by --help), and the job's
 memory and length are checked before anything runs. The file is written through
 runtimes.fileio.write_atomic: an interrupted run or a full disk leaves nothing behind.
@@ -26,7 +28,8 @@ import numpy as np
 from lddm_export.commands.numbers import Int
 from runtimes.errors import LddmError, ShapeMismatch
 from runtimes.fileio import check_input_file, check_target, write_atomic
-from runtimes.options import MAX_BATCH, MAX_SAMPLES, MAX_SEED, MAX_STEPS, MAX_THREADS, check_job
+from runtimes.options import (MAX_BATCH, MAX_LATENT_CANDIDATES, MAX_SAMPLES, MAX_SEED, MAX_STEPS, MAX_THREADS,
+                              check_job)
 from runtimes.spec import HEADS
 
 SUFFIXES = (".npy", ".jsonl")
@@ -109,8 +112,11 @@ def generated_spans(ids: list[int], known: tuple[int, ...]) -> list[list[int]]:
               help='text bundles: a JSON-lines file of {"prompt": ...} or {"template": ...}; --num samples each')
 @click.option("--hole-tokens", type=Int(1, MAX_STEPS), default=16, show_default=True,
               help="tokens generated for each hole of a template")
+@click.option("--latent-candidates", type=Int(1, MAX_LATENT_CANDIDATES), default=1, show_default=True,
+              help="seq with prompts: latent chains per sample, the one that best explains the prompt kept")
 def command(bundle_dir, backend, precision, device, steps, latent_steps, num, batch_size, seed, out, ckpt,
-            float32_draws, cache, cuda_graph, compile_, threads, head, prompt, template, prompts_file, hole_tokens):
+            float32_draws, cache, cuda_graph, compile_, threads, head, prompt, template, prompts_file, hole_tokens,
+            latent_candidates):
     """Sample token ids (and text) from a bundle."""
     import torch
 
@@ -135,6 +141,11 @@ def command(bundle_dir, backend, precision, device, steps, latent_steps, num, ba
         raise LddmError(f"--latent-steps applies to seq bundles only, and {bundle_dir} is {bundle.variant}; drop it")
     latent_steps = latent_steps_for(bundle.variant, steps, latent_steps)
     prompts = read_prompts(bundle, prompt, template, prompts_file, hole_tokens)
+    if latent_candidates > 1 and bundle.variant != "seq":
+        raise LddmError(f"--latent-candidates applies to seq bundles only, and {bundle_dir} is {bundle.variant}; drop it")
+    if latent_candidates > 1 and prompts is None:
+        raise LddmError("--latent-candidates keeps the latent that best explains the prompt; pass --prompt, "
+                        "--template or --prompts, or drop it")
     per_sample = None if prompts is None else [p for p in prompts for _ in range(num)]   # --num each
     known = None if per_sample is None else torch.tensor([p.known for p in per_sample], dtype=torch.int64)
     num = num if per_sample is None else len(per_sample)
@@ -143,7 +154,7 @@ def command(bundle_dir, backend, precision, device, steps, latent_steps, num, ba
     if batch_size > max_batch:
         raise ShapeMismatch(f"--batch-size {batch_size} is above the bundle's batch profile maximum {max_batch}; "
                             f"use --batch-size <= {max_batch} or rebuild with a larger --batch MIN,OPT,MAX")
-    check_job(num, batch_size, steps, latent_steps, bundle.shapes)
+    check_job(num, batch_size, steps, latent_steps and latent_candidates * latent_steps, bundle.shapes)
     decoder = TextDecoder(bundle.manifest["tokenizer"])
     runners = make_runners(bundle, backend, precision, device, ckpt=ckpt,
                            graphs=list(sampler_graphs(bundle.variant, head)), cuda_graph=cuda_graph, threads=threads,
@@ -153,9 +164,9 @@ def command(bundle_dir, backend, precision, device, steps, latent_steps, num, ba
     sampler = Sampler.from_bundle(bundle, runners, float64_draws=not float32_draws, head=head, cache=cache,
                                   compile=compile_)
     n_batches = -(-num // batch_size)
-    with progress(n_batches * (steps + (latent_steps or 0)), f"sample {bundle.variant} ({backend})") as bar:
+    with progress(n_batches * (steps + latent_candidates * (latent_steps or 0)), f"sample {bundle.variant} ({backend})") as bar:
         result = sample_batches(sampler, seed, num, steps, latent_steps, batch_size,
-                                callback=lambda b, step: bar.update(1), known=known)
+                                callback=lambda b, step: bar.update(1), known=known, latent_candidates=latent_candidates)
     for runner in runners.values():
         runner.deactivate()
     tokens = result.tokens.numpy()

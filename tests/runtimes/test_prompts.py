@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from fixtures import cached_tiny_bundle, run_sample, tiny_tokenizer_entry
 from runtimes.backends import make_runners
 from runtimes.bundle import Bundle
-from runtimes.noise import draw_noise, latent_shape
+from runtimes.errors import LddmError
+from runtimes.noise import Noise, draw_noise, latent_shape
 from runtimes.prompts import FREE, HOLE, PromptEncoder, PromptError, start_tokens
 from runtimes.samplers import Sampler
 from training import sampling
@@ -59,6 +61,42 @@ def test_start_tokens_checks_what_it_is_given():
         start_tokens(torch.tensor([[1, 2, 3]]), 1, 2, 5, "cpu")
     with pytest.raises(PromptError, match=r"ids in \[0, 5\) or -1"):
         start_tokens(torch.tensor([[5, 1]]), 1, 2, 5, "cpu")   # the mask id is not a token
+
+
+def test_seq_latent_candidates_keep_the_one_that_best_explains_the_prompt(bundle_cache):
+    """C latent candidates: the runtime (ORT, both heads) and the reference choose the same
+    candidate for every sample, and it is the one whose y0 gives the known tokens the highest
+    log-likelihood; C = 1 is the plain SEQ chain, and candidates without known tokens are refused."""
+    bundle = Bundle.open(cached_tiny_bundle(bundle_cache, "seq"))
+    known, C, T_y = known_tokens(bundle), 4, 3
+    L, P, D = bundle.shapes["L"], bundle.shapes["P"], bundle.shapes["D"]
+    noise = draw_noise(4, B, T, L, (P, D), latent_candidates=C)
+    plain = draw_noise(4, B, T, L, (P, D))
+    assert np.array_equal(noise.u, plain.u) and np.array_equal(noise.y_init, plain.y_init)   # drawn last
+    model = load_checkpoint(bundle.manifest["checkpoint"]["path"])[0]
+    steps = []
+    reference = sampling.sample_call(model, noise, T_y, known=known, callback=steps.append)
+    assert [s.index for s in steps[:C * T_y]] == list(range(C * T_y)) and steps[0].total == C * T_y
+
+    chains = [sampling.sample_call(model, Noise(noise.u, y), T_y, known=known) for y in noise.initial_latents()]
+    with torch.no_grad():
+        masked = torch.full_like(known, bundle.shapes["mask_id"])
+        scores = torch.stack([
+            (model.token_denoiser(masked, c.latent, torch.ones(B))[0].gather(-1, known.clamp_min(0)[..., None])[..., 0]
+             .double() * (known >= 0)).sum(-1) for c in chains])
+    best = scores.argmax(0)
+    assert len(set(best.tolist())) > 1                                   # the choice differs by sample
+    assert torch.equal(reference.latent, torch.stack([c.latent for c in chains])[best, torch.arange(B)])
+
+    runners = {g: r.activate() for g, r in make_runners(bundle, "ort", "fp32", "cpu", threads=1).items()}
+    for head in ("sparse", "dense"):
+        ours = Sampler.from_bundle(bundle, runners, head=head).sample(noise, T_y, known=known)
+        assert torch.equal(ours.tokens, reference.tokens), head
+        assert torch.allclose(ours.latent, reference.latent, atol=1e-5), head
+    with pytest.raises(LddmError, match="without a prompt or template use one"):
+        Sampler.from_bundle(bundle, runners).sample(noise, T_y)
+    with pytest.raises(LddmError, match="without a prompt or template use one"):
+        sampling.sample_call(model, noise, T_y)
 
 
 # ----------------------------------------------------------------------------- text -> clamped tokens
@@ -149,6 +187,22 @@ def test_sample_refuses_bad_prompts_in_one_sentence(bundle_cache, tmp_path, caps
     lines = [line for line in err.splitlines() if line.startswith("lddm-export: error:")]
     assert code == 1 and len(lines) == 1 and match in lines[0] and "Traceback" not in err
     assert not (tmp_path / "x.jsonl").exists()
+
+
+@pytest.mark.parametrize("variant,args,match", [
+    ("mdlm", ("--prompt", "to be"), "--latent-candidates applies to seq bundles only"),
+    ("seq", (), "--latent-candidates keeps the latent that best explains the prompt; pass --prompt"),
+    ("seq", ("--prompt", "to be"), None),
+])
+def test_sample_takes_latent_candidates_for_prompted_seq_only(bundle_cache, tmp_path, capsys, variant, args, match):
+    out = tmp_path / "x.jsonl"
+    code, err = run_sample(capsys, "--bundle", cached_tiny_bundle(bundle_cache, variant, text=True), "--steps", 2,
+                           "--num", 2, "--latent-candidates", 3, *args, "--out", out)
+    if match is None:
+        assert code == 0 and all(json.loads(line)["text"].startswith("to be") for line in out.read_text().splitlines())
+        assert "sample seq (ort): 8/8 steps" in err   # 2 token steps + 3 candidates x 2 latent steps
+    else:
+        assert code == 1 and match in err and "Traceback" not in err and not out.exists()
 
 
 def test_a_prompt_on_a_bundle_without_a_tokenizer_is_refused(bundle_cache, tmp_path, capsys):  # noqa: F811
