@@ -30,7 +30,7 @@ import torch
 
 from runtimes.errors import LddmError
 from runtimes.noise import Noise, draw_noise, latent_shape
-from runtimes.options import MAX_SEED, check_int, check_job
+from runtimes.options import MAX_LATENT_CANDIDATES, MAX_SEED, check_int, check_job
 from runtimes.prompts import FREE
 from runtimes.samplers import Sampler
 from runtimes.trajectory import Samples
@@ -41,7 +41,8 @@ INPUTS = {"seed": (np.int64, (1,), False), "num": (np.int64, (1,), False), "step
           "latent_steps": (np.int64, (1,), True),   # seq: T_y (0 or absent: steps)
           "prompt": (np.bytes_, (1,), True),        # UTF-8 text whose tokens are clamped at the start
           "template": (np.bytes_, (1,), True),      # UTF-8 text with "____" holes to fill
-          "hole_tokens": (np.int64, (1,), True)}    # tokens generated per hole (0 or absent: 16)
+          "hole_tokens": (np.int64, (1,), True),    # tokens generated per hole (0 or absent: 16)
+          "latent_candidates": (np.int64, (1,), True)}   # prompted seq: latent chains per sample (0, absent: 1)
 OUTPUTS = {"tokens": (np.int64, (-1, "L")),          # [num, L] token ids (absent after an error)
            "text": (np.bytes_, (-1,)),               # [num] decoded UTF-8 text ("" for synthetic data)
            "error": (np.bytes_, (1,))}               # "" or the one sentence saying what to fix
@@ -68,6 +69,7 @@ class SampleRequest:
         latent_steps: T_y for seq bundles (default: steps), None for the others.
         prompt: the prompt or template text as given, or None.
         known: int64 [num, L] clamped tokens (runtimes.prompts), or None.
+        latent_candidates: prompted seq's latent chains per sample (runtimes.noise).
     """
 
     seed: int
@@ -76,11 +78,12 @@ class SampleRequest:
     latent_steps: int | None
     prompt: str | None = None
     known: torch.Tensor | None = None
+    latent_candidates: int = 1
 
     @property
-    def key(self) -> tuple[int, int | None]:
+    def key(self) -> tuple[int, int, int]:
         """Requests with the same key can share sampler calls."""
-        return self.steps, self.latent_steps
+        return self.steps, self.latent_steps or 0, self.latent_candidates
 
 
 def parse_request(fields: dict, limits: Limits, variant: str, shapes: dict, encoder=None) -> SampleRequest:
@@ -121,8 +124,14 @@ def parse_request(fields: dict, limits: Limits, variant: str, shapes: dict, enco
         row = (encoder.prompt(text, "the request's prompt") if prompt
                else encoder.template(text, "the request's template", hole_tokens))
         known = torch.tensor([row.known] * num, dtype=torch.int64)
-    check_job(num, num, steps, latent_steps, shapes)
-    return SampleRequest(seed, num, steps, latent_steps, text, known)
+    candidates = check_int("latent_candidates", fields.get("latent_candidates", 0), 0, MAX_LATENT_CANDIDATES) or 1
+    if candidates > 1 and variant != "seq":
+        raise RequestError(f"latent_candidates applies to seq bundles only, and this one is {variant}; send 0")
+    if candidates > 1 and known is None:
+        raise RequestError("latent_candidates keeps the latent that best explains the prompt; send a prompt or "
+                           "template, or 0 candidates")
+    check_job(num, num, steps, latent_steps and candidates * latent_steps, shapes)
+    return SampleRequest(seed, num, steps, latent_steps, text, known, candidates)
 
 
 def request_fields(arrays: dict[str, np.ndarray]) -> dict:
@@ -212,7 +221,7 @@ def _chunks(index: int, request: SampleRequest, variant: str, shapes: dict, max_
     chunks = []
     for b, start in enumerate(range(0, request.num, max_batch)):
         noise = draw_noise(request.seed + b, min(max_batch, request.num - start), request.steps, shapes["L"],
-                           latent_shape(variant, shapes))
+                           latent_shape(variant, shapes), request.latent_candidates)
         known = None if request.known is None else request.known[start:start + noise.batch]
         chunks.append(_Chunk(index, start, noise, known))
     return chunks
@@ -233,14 +242,17 @@ def _calls(chunks: list[_Chunk], max_batch: int) -> list[list[_Chunk]]:
 
 def _joined(chunks: list[_Chunk]) -> tuple[Noise, torch.Tensor | None]:
     """One call's noise (rows concatenated) and known tokens (FREE rows where a chunk has none)."""
-    u = np.concatenate([c.noise.u for c in chunks], axis=1)
-    y = None if chunks[0].noise.y_init is None else np.concatenate([c.noise.y_init for c in chunks], axis=0)
+    def joined(field: str, axis: int):
+        arrays = [getattr(c.noise, field) for c in chunks]
+        return None if arrays[0] is None else np.concatenate(arrays, axis=axis)
+
+    noise = Noise(joined("u", 1), joined("y_init", 0), joined("y_candidates", 1))
     if all(c.known is None for c in chunks):
-        return Noise(u, y), None
-    L = u.shape[2]
+        return noise, None
+    L = noise.u.shape[2]
     known = torch.cat([c.known if c.known is not None else torch.full((c.noise.batch, L), FREE)
                        for c in chunks])
-    return Noise(u, y), known
+    return noise, known
 
 
 def run_requests(sampler: Sampler, requests: list[SampleRequest], max_batch: int) -> list[Samples]:
@@ -257,12 +269,12 @@ def run_requests(sampler: Sampler, requests: list[SampleRequest], max_batch: int
         raise LddmError("the MDLM cache makes a row's samples depend on the others in its batch; "
                         "serve with a sampler built without cache")
     done: dict[tuple[int, int], Samples] = {}     # (request, first row of the chunk) -> its rows
-    order = sorted(range(len(requests)), key=lambda i: (requests[i].steps, requests[i].latent_steps or 0))
-    for (steps, latent_steps), members in groupby(order, key=lambda i: requests[i].key):
+    order = sorted(range(len(requests)), key=lambda i: requests[i].key)
+    for (steps, latent_steps, _), members in groupby(order, key=lambda i: requests[i].key):
         chunks = [c for i in members for c in _chunks(i, requests[i], sampler.variant, sampler.shapes, max_batch)]
         for call in _calls(chunks, max_batch):
             noise, known = _joined(call)
-            result = sampler.sample(noise, latent_steps, known=known)
+            result = sampler.sample(noise, latent_steps or None, known=known)
             row = 0
             for chunk in call:
                 rows = slice(row, row + chunk.noise.batch)

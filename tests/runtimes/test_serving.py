@@ -40,6 +40,9 @@ def test_requests_served_together_equal_each_sampled_alone(bundle):
     requests = [parse_request(f, Limits(), bundle.variant, bundle.shapes, encoder) for f in (
         fields(), fields(seed=7, num=11), fields(seed=9, num=2, steps=6), fields(seed=1, num=3, prompt="ab a"),
         fields(seed=2, num=2, template="a ____ b", hole_tokens=2), fields(seed=5, num=1, latent_steps=2 * (bundle.variant == "seq")))]
+    if bundle.variant == "seq":   # prompted SEQ with 3 latent chains per sample: a group of its own
+        requests.append(parse_request(fields(seed=6, num=2, prompt="ab", latent_candidates=3), Limits(),
+                                      bundle.variant, bundle.shapes, encoder))
     calls = []
     sample = sampler.sample
     sampler.sample = lambda noise, *args, **kw: calls.append(noise.batch) or sample(noise, *args, **kw)
@@ -47,10 +50,10 @@ def test_requests_served_together_equal_each_sampled_alone(bundle):
     sampler.sample = sample
     # T = 4: chunks of 5, 8 + 3, 3, 2 and 1 rows (seq: the 1 has T_y = 2, a group of its own), packed
     # in order into calls of <= 8 rows; then T = 6: 2 rows. 9 chunks, 5 calls.
-    assert calls == ([1, 5, 8, 8, 2] if bundle.variant == "seq" else [5, 8, 8, 1, 2])
+    assert calls == ([1, 5, 8, 8, 2, 2] if bundle.variant == "seq" else [5, 8, 8, 1, 2])
     for request, result in zip(requests, served):
         alone = sample_batches(sampler, request.seed, request.num, request.steps, request.latent_steps,
-                               MAX_BATCH, known=request.known)
+                               MAX_BATCH, known=request.known, latent_candidates=request.latent_candidates)
         assert torch.equal(result.tokens, alone.tokens)
         assert (result.latent is None) == (bundle.variant == "mdlm")
         if result.latent is not None:
@@ -80,10 +83,13 @@ def test_request_fields_are_validated_in_one_place(bundle_cache):
         (fields(steps="x"), r"steps must be an integer, got 'x'"),
         (fields(latent_steps=3), r"latent_steps applies to seq bundles only"),
         (fields(prompt="hi"), r"has no tokenizer, so it takes no text prompt"),
+        (fields(latent_candidates=2), r"latent_candidates applies to seq bundles only"),
     ]
     for request, message in cases:
         with pytest.raises(LddmError, match=message):
             parse_request(request, limits, "mdlm", shapes)
+    with pytest.raises(RequestError, match=r"latent_candidates keeps the latent that best explains the prompt"):
+        parse_request(fields(latent_candidates=2), limits, "seq", shapes)
     with pytest.raises(RequestError, match=r"both a prompt and a template"):
         parse_request(fields(prompt="a", template="b ____"), limits, "fuji", shapes)
     with pytest.raises(RequestError, match=r"unknown inputs \['nums'\]"):
