@@ -216,7 +216,7 @@ def test_sample_batches_uses_seed_plus_b_like_the_reference(bundle):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", ["seq"])   # the main job's; .ci/run's verify gates all three at FP16
 def test_fp16_samples_of_the_sawtooth_examples_are_within_5pct_swd_of_fp32(variant, bundle_cache, record_property):  # noqa: F811
     """FP16 vs FP32 ORT samples of a shipped example: |SWD16 - SWD32| <= 5% of SWD32, SWD to data.
 
