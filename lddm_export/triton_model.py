@@ -70,7 +70,7 @@ class TritonPythonModel:
             runners[graph] = BlsRunner(spec, settings["graph_model_prefix"] + graph, device, max_batch * rows).activate()
         mask, latent = from_manifest(manifest["schedule"])
         sampler = Sampler(variant, runners, shapes, mask, latent, head="sparse")
-        limits = Limits(int(settings["max_samples"]), int(settings["max_steps"]))
+        limits = Limits(*(int(settings[key]) for key in ("max_samples", "max_steps", "max_latent_candidates")))
         self.handler = RequestHandler(sampler, manifest, limits, max_batch)
 
     def execute(self, requests):

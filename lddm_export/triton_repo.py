@@ -80,7 +80,7 @@ def sampler_config(name: str, manifest: dict, limits: Limits, max_requests: int,
     config.dynamic_batching.max_queue_delay_microseconds = queue_delay_us
     config.instance_group.add(count=instances, kind=_kind(mc, kind))
     for key, value in (("graph_model_prefix", graph_prefix), ("max_samples", limits.max_samples),
-                       ("max_steps", limits.max_steps)):
+                       ("max_steps", limits.max_steps), ("max_latent_candidates", limits.max_latent_candidates)):
         config.parameters[key].string_value = str(value)
     return config
 

@@ -30,7 +30,7 @@ import torch
 
 from runtimes.errors import LddmError
 from runtimes.noise import Noise, draw_noise, latent_shape
-from runtimes.options import MAX_LATENT_CANDIDATES, MAX_SEED, check_int, check_job
+from runtimes.options import MAX_SEED, check_int, check_job
 from runtimes.prompts import FREE
 from runtimes.samplers import Sampler
 from runtimes.trajectory import Samples
@@ -58,6 +58,7 @@ class Limits:
 
     max_samples: int = 256
     max_steps: int = 1024
+    max_latent_candidates: int = 16
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,7 @@ def parse_request(fields: dict, limits: Limits, variant: str, shapes: dict, enco
         row = (encoder.prompt(text, "the request's prompt") if prompt
                else encoder.template(text, "the request's template", hole_tokens))
         known = torch.tensor([row.known] * num, dtype=torch.int64)
-    candidates = check_int("latent_candidates", fields.get("latent_candidates", 0), 0, MAX_LATENT_CANDIDATES) or 1
+    candidates = check_int("latent_candidates", fields.get("latent_candidates", 0), 0, limits.max_latent_candidates) or 1
     if candidates > 1 and variant != "seq":
         raise RequestError(f"latent_candidates applies to seq bundles only, and this one is {variant}; send 0")
     if candidates > 1 and known is None:

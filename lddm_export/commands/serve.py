@@ -16,7 +16,7 @@ import click
 
 from lddm_export.commands.numbers import Int
 from runtimes.fileio import check_input_file
-from runtimes.options import MAX_BATCH, MAX_SAMPLES, MAX_STEPS, MAX_THREADS
+from runtimes.options import MAX_BATCH, MAX_LATENT_CANDIDATES, MAX_SAMPLES, MAX_STEPS, MAX_THREADS
 
 MAX_PORT = 65535 - 2          # gRPC and metrics take the next two ports
 MAX_QUEUE_DELAY_MS = 10_000
@@ -35,6 +35,8 @@ MAX_QUEUE_DELAY_MS = 10_000
               help="the most samples one request may ask for")
 @click.option("--max-steps", type=Int(1, MAX_STEPS), default=1024, show_default=True,
               help="the most token (or latent) steps one request may ask for")
+@click.option("--max-latent-candidates", type=Int(1, MAX_LATENT_CANDIDATES), default=16, show_default=True,
+              help="the most SEQ latent candidates one prompted request may ask for")
 @click.option("--max-requests", type=Int(1, MAX_BATCH), default=64, show_default=True,
               help="requests per dynamic batch")
 @click.option("--queue-delay-ms", type=Int(0, MAX_QUEUE_DELAY_MS), default=5, show_default=True,
@@ -42,8 +44,8 @@ MAX_QUEUE_DELAY_MS = 10_000
 @click.option("--ckpt", type=click.Path(path_type=Path), default=None,
               help="torch backend: the bundle's model.pt, when not at the path the manifest records")
 @click.option("--threads", type=Int(1, MAX_THREADS), default=None, help="ort on the CPU: intra-op threads per graph")
-def command(bundle_dir, backend, precision, device, host, port, model_name, max_samples, max_steps, max_requests,
-            queue_delay_ms, ckpt, threads):
+def command(bundle_dir, backend, precision, device, host, port, model_name, max_samples, max_steps,
+            max_latent_candidates, max_requests, queue_delay_ms, ckpt, threads):
     """Serve samples from a bundle over HTTP and gRPC (Triton Inference Server via PyTriton)."""
     from lddm_export.serve import ServeError, check_model_name, python_library_dir, serve
     from runtimes.backends import check_choice, make_runners
@@ -68,8 +70,8 @@ def command(bundle_dir, backend, precision, device, host, port, model_name, max_
                            reference=load_reference_graphs)
     for runner in runners.values():
         runner.activate()
-    handler = RequestHandler(Sampler.from_bundle(bundle, runners), bundle.manifest, Limits(max_samples, max_steps),
-                             max_batch)
+    limits = Limits(max_samples, max_steps, max_latent_candidates)
+    handler = RequestHandler(Sampler.from_bundle(bundle, runners), bundle.manifest, limits, max_batch)
 
     def ready() -> None:
         click.echo(f"serving {bundle_dir} ({bundle.variant}, {backend} {precision}) as model {model_name!r}: "

@@ -16,7 +16,7 @@ import click
 from lddm_export.commands.numbers import Int
 from lddm_export.commands.serve import MAX_QUEUE_DELAY_MS
 from lddm_export.triton_repo import GRAPH_BACKENDS, KINDS, write_repo
-from runtimes.options import MAX_BATCH, MAX_SAMPLES, MAX_STEPS
+from runtimes.options import MAX_BATCH, MAX_LATENT_CANDIDATES, MAX_SAMPLES, MAX_STEPS
 from runtimes.serving import Limits
 
 MAX_INSTANCES = 64
@@ -37,18 +37,21 @@ MAX_INSTANCES = 64
               help="the most samples one request may ask for")
 @click.option("--max-steps", type=Int(1, MAX_STEPS), default=1024, show_default=True,
               help="the most token (or latent) steps one request may ask for")
+@click.option("--max-latent-candidates", type=Int(1, MAX_LATENT_CANDIDATES), default=16, show_default=True,
+              help="the most SEQ latent candidates one prompted request may ask for")
 @click.option("--max-requests", type=Int(1, MAX_BATCH), default=64, show_default=True,
               help="requests per dynamic batch")
 @click.option("--queue-delay-ms", type=Int(0, MAX_QUEUE_DELAY_MS), default=5, show_default=True,
               help="how long the dynamic batcher waits for more requests")
 @click.option("--force", is_flag=True, help="replace an existing --out")
 def command(bundle_dir, out, precision, graph_backend, kind, instances, model_name, max_samples, max_steps,
-            max_requests, queue_delay_ms, force):
+            max_latent_candidates, max_requests, queue_delay_ms, force):
     """Write a Triton model repository: the sampling loop as a BLS model, the graphs as models."""
     from lddm_export.serve import check_model_name
     from runtimes.backends import check_choice
 
     check_choice("ort", precision, "cpu")
     check_model_name(model_name)
-    write_repo(bundle_dir, out, model_name, precision, graph_backend, kind, Limits(max_samples, max_steps),
-               max_requests, 1000 * queue_delay_ms, instances, force, log=click.echo)
+    limits = Limits(max_samples, max_steps, max_latent_candidates)
+    write_repo(bundle_dir, out, model_name, precision, graph_backend, kind, limits, max_requests, 1000 * queue_delay_ms,
+               instances, force, log=click.echo)

@@ -84,6 +84,7 @@ def test_request_fields_are_validated_in_one_place(bundle_cache):
         (fields(latent_steps=3), r"latent_steps applies to seq bundles only"),
         (fields(prompt="hi"), r"has no tokenizer, so it takes no text prompt"),
         (fields(latent_candidates=2), r"latent_candidates applies to seq bundles only"),
+        (fields(latent_candidates=17), r"latent_candidates 17 is above the limit of 16"),
     ]
     for request, message in cases:
         with pytest.raises(LddmError, match=message):
