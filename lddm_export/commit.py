@@ -231,12 +231,14 @@ def _fsync_tree(root: Path) -> None:
         fsync_directory(dirpath)
 
 
-def check_not_in_use(out: Path, ckpt: Path | None = None, flag: str = "--out") -> None:
-    """Refuse to replace `out` when it is, or holds, the current directory or the checkpoint being
-    built: replacing a directory deletes the old one with everything in it.
+def check_not_in_use(out: Path, source: Path | None = None, flag: str = "--out",
+                     source_is: str = "the checkpoint being built") -> None:
+    """Refuse to replace `out` when it is, or holds, the current directory or the input being
+    read: replacing a directory deletes the old one with everything in it.
 
     Args:
-        out: the directory a build would replace; ckpt: the checkpoint being built, if any;
+        out: the directory a build would replace; source: the input being read, if any (the
+            checkpoint of a build, the bundle of triton-repo), named by `source_is`;
         flag: how the user named `out`.
     Raises:
         BundleError: "--out X holds the checkpoint being built (Y), ...; choose another --out".
@@ -249,9 +251,9 @@ def check_not_in_use(out: Path, ckpt: Path | None = None, flag: str = "--out") -
         resolved = path.resolve()
         return resolved == target or target in resolved.parents
 
-    if ckpt is not None and inside(ckpt):
-        raise BundleError(f"{flag} {out} holds the checkpoint being built ({ckpt}), and a build replaces {flag} "
-                          f"and deletes the old directory with everything in it; choose another {flag}")
+    if source is not None and inside(source):
+        raise BundleError(f"{flag} {out} holds {source_is} ({source}), and replacing {flag} deletes the old "
+                          f"directory with everything in it; choose another {flag}")
     if inside(Path.cwd()):
         raise BundleError(f"{flag} {out} is or holds the current directory ({Path.cwd()}), and a build replaces "
                           f"{flag} and deletes the old directory; run the build from another directory")

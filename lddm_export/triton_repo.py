@@ -164,7 +164,7 @@ def write_repo(bundle_dir: Path, out: Path, name: str, precision: str, graph_bac
     backend = choose_graph_backend(bundle, graphs, precision, graph_backend)
     if out.exists() and not force:
         raise RepoError(f"--out {out} exists; pass --force to replace it, or choose another --out")
-    check_not_in_use(out, bundle.root / "manifest.json")
+    check_not_in_use(out, bundle.root, source_is="the bundle being read")
     prefix = f"{name}_"
     sampler = sampler_config(name, bundle.manifest, limits, max_requests, queue_delay_us, instances, kind, prefix)
     configs = {name: (sampler, {"model.py": HERE / "triton_model.py"})}

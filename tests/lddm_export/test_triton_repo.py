@@ -94,6 +94,8 @@ def test_refusals(bundle_cache, tmp_path, capsys):
         (["--out", str(tmp_path / "r"), "--precision", "fp16"], "has no fp16 graph"),
         (["--out", str(tmp_path / "r"), "--graph-backend", "tensorrt"], "has no fp32 TensorRT engines"),
         (["--out", str(tmp_path / "r"), "--model-name", "../x"], "is not a model name"),
+        (["--out", str(bundle), "--force"], "holds the bundle being read"),
+        (["--out", str(bundle.parent), "--force"], "holds the bundle being read"),
     ]
     for options, message in cases:
         with pytest.raises(SystemExit) as exit_info:
