@@ -146,3 +146,25 @@ def test_serve_refuses_a_port_in_use(bundle_cache, capsys):
     err = capsys.readouterr().err
     assert f"cannot listen on 127.0.0.1:{port + 1}" in err and "pass another --port" in err
     assert "Traceback" not in err
+
+
+def test_serve_refuses_a_python_without_libpython_and_a_long_tmpdir(bundle_cache, tmp_path, capsys, monkeypatch):
+    import sysconfig
+
+    from lddm_export import serve
+    from lddm_export.cli import main
+
+    bundle = cached_tiny_bundle(bundle_cache, "mdlm")
+    long_tmp = tmp_path / ("x" * 60)
+    long_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(long_tmp))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--bundle", str(bundle), "--port", str(free_ports())])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "too long a path for the server's Unix sockets" in err
+    assert "set TMPDIR to a shorter one" in err and "Traceback" not in err and list(long_tmp.iterdir()) == []
+
+    real = sysconfig.get_config_var
+    monkeypatch.setattr(sysconfig, "get_config_var", lambda name: 0 if name == "Py_ENABLE_SHARED" else real(name))
+    with pytest.raises(serve.ServeError, match="this Python has no shared libpython"):
+        serve.python_library_dir()
