@@ -299,6 +299,8 @@ class Sampler:
         B, L = known.shape
         feed = {"x_t": torch.full_like(known, self.shapes["mask_id"]), "y0": y0, "t": self._t(1.0, B)}
         rows = (known >= 0).flatten().nonzero().squeeze(1)
+        if rows.numel() == 0:   # nothing clamped: every candidate explains it alike
+            return torch.zeros(B, dtype=torch.float64, device=self.device)
         if self.head == "dense":
             log_probs = self.runners["token_denoiser"].infer(feed)["log_probs"].reshape(B * L, -1)[rows]
         else:

@@ -98,12 +98,12 @@ def test_calibrate_every_graph_of_a_bundle(fuji):
     assert set(decisions) == set(bundle.graph_names)
 
 
-def test_build_records_calibrated_islands_and_keeps_them_fp32(tmp_path):
-    from fixtures import tiny_checkpoint
+def test_build_records_calibrated_islands_and_keeps_them_fp32(bundle_cache, tmp_path):
+    from fixtures import cached_full_bundle
     from lddm_export.build import build_bundle, parse_options
 
-    ckpt = tiny_checkpoint(tmp_path / "model.pt", "mdlm")
-    bundle = Bundle.open(build_bundle(ckpt, tmp_path / "bundle", parse_options(engines="off"), log=lambda line: None))
+    root, ckpt = cached_full_bundle(bundle_cache, "fuji")
+    bundle = Bundle.open(root)
     assert bundle.manifest["fp16_calibration"] is True
     islands = bundle.manifest["graphs"]["denoiser"]["fp16_islands"]
     # the SUBS penalty (mask logit - 1e4) is within 8x of FP16's range: calibration keeps it FP32

@@ -50,9 +50,11 @@ def test_chunk_layout_graphs_match_torch(variant):
     cfg = model.cfg
     specs = graph_specs(variant, cfg.seq_len, cfg.n_latent, cfg.latent_dim, cfg.total_vocab, cfg.width)
     for name, module in graph_modules(model).items():
+        if name in ("trunk", "head"):   # the denoiser's own layers, without or after its latent path
+            continue
         fp32 = export.export_graph(module, specs[name], cfg.total_vocab, OPSET)
         runs = assert_fp32_parity(f"{variant}/{name} chunks", fp32, module, specs[name], cfg.total_vocab)
-        assert runs == (3 if name in ("encoder", "head") else 9)
+        assert runs == (3 if name == "encoder" else 9)
 
 
 @pytest.mark.parametrize("variant,graph", FP32_PARITY_CASES)

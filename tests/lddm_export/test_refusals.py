@@ -13,8 +13,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fixtures import tiny_checkpoint
-from lddm_export.build import build_bundle, parse_options
+from fixtures import cached_tiny_bundle
 from lddm_export.cli import main
 from runtimes.bundle import Bundle, validate_manifest
 from runtimes.errors import BundleError, ShapeMismatch
@@ -24,15 +23,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def bundles(tmp_path_factory):
-    """Two tiny mdlm bundles built from different checkpoints (for swapping graphs)."""
-    root = tmp_path_factory.mktemp("refusals")
-    built = []
-    for seed in (0, 1):
-        ckpt = tiny_checkpoint(root / f"model{seed}.pt", "mdlm", seed=seed)
-        built.append(build_bundle(ckpt, root / f"bundle{seed}", parse_options(precision="fp32", engines="off"),
-                                  log=lambda line: None))
-    return built
+def bundles(bundle_cache):
+    """Two tiny mdlm bundles built from different checkpoints (for swapping graphs); read only."""
+    return [cached_tiny_bundle(bundle_cache, "mdlm", seed=seed) for seed in (0, 1)]
 
 
 def _invoke(args: list[str]) -> int:
@@ -55,7 +48,7 @@ def test_onnx_replaced_by_another_graph_is_refused(bundles, tmp_path, capsys):
 
 
 def test_build_into_an_unwritable_place_is_refused(bundles, tmp_path, capsys):
-    ckpt = Path(bundles[0]).parent / "model0.pt"
+    ckpt = Path(bundles[0]) / "model.pt"
     code = _invoke(["build", "--ckpt", str(ckpt), "--out", "/proc/lddm-bundle", "--engines", "off"])
     err = capsys.readouterr().err
     assert code == 1 and "--out /proc/lddm-bundle" in err and "Traceback" not in err

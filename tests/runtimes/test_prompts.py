@@ -93,6 +93,9 @@ def test_seq_latent_candidates_keep_the_one_that_best_explains_the_prompt(bundle
         ours = Sampler.from_bundle(bundle, runners, head=head).sample(noise, T_y, known=known)
         assert torch.equal(ours.tokens, reference.tokens), head
         assert torch.allclose(ours.latent, reference.latent, atol=1e-5), head
+    free = torch.full_like(known, FREE)   # nothing clamped: every candidate scores 0, the first is kept
+    assert torch.equal(Sampler.from_bundle(bundle, runners).sample(noise, T_y, known=free).tokens,
+                       Sampler.from_bundle(bundle, runners).sample(plain, T_y).tokens)
     with pytest.raises(LddmError, match="without a prompt or template use one"):
         Sampler.from_bundle(bundle, runners).sample(noise, T_y)
     with pytest.raises(LddmError, match="without a prompt or template use one"):

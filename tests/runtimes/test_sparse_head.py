@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fixtures import built_example_bundle, cached_tiny_bundle
+from fixtures import built_example_bundle, cached_full_bundle, cached_tiny_bundle
 from runtimes.backends import make_runners
 from runtimes.base import Runner
 from runtimes.bundle import Bundle
@@ -152,16 +152,16 @@ def test_sparse_torch_runtime_reproduces_the_reference_sampler(bundle):
 
 
 def test_fp16_sparse_agrees_with_fp16_dense(bundle_cache, record_property):
-    bundle = Bundle.open(cached_tiny_bundle(bundle_cache, "fuji"))
-    if "fp16" not in bundle.manifest["graphs"]["head"]["onnx"]:
-        bundle = Bundle.open(built_example_bundle(bundle_cache / "examples", EXAMPLES / "sawtooth-fuji.pt"))
+    bundle = Bundle.open(cached_full_bundle(bundle_cache, "fuji")[0])
     out = both_heads(bundle, runners_of(bundle, "ort", "fp16"), noise_for(bundle, 0, 32, 8))
     agreement = float((out["sparse"].tokens == out["dense"].tokens).double().mean())
     record_property("fp16_sparse_dense_token_agreement", agreement)
     assert agreement >= 0.99
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+# The main job's example; .ci/run's verify compares the sparse sampler with the dense reference on
+# every shipped example (trajectory level, token agreement >= 99.9%).
+@pytest.mark.parametrize("variant", ["seq"])
 def test_shipped_sawtooth_examples_sample_the_same_tokens_with_either_head(variant, bundle_cache):  # noqa: F811
     ckpt = EXAMPLES / f"sawtooth-{variant}.pt"
     bundle = Bundle.open(built_example_bundle(bundle_cache / "examples", ckpt))
