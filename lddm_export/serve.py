@@ -10,6 +10,8 @@ and PyTriton passes this process's environment on to the server. So the stub mus
 interpreter's own libpython first on LD_LIBRARY_PATH: otherwise it loads another build of the
 same version (here: Debian's 3.11.2 under pyenv's 3.11.7 standard library, which fails with
 "'_thread.RLock' object has no attribute '_recursion_count'") or none at all.
+
+Importing this module needs neither torch nor PyTriton (doctor reads python_library_dir).
 """
 from __future__ import annotations
 
@@ -25,7 +27,6 @@ from typing import Callable
 import numpy as np
 
 from runtimes.errors import LddmError
-from runtimes.serving import INPUTS, OUTPUTS
 
 
 # PyTriton puts Unix sockets in its workspace, ~60 characters below it; a socket path has at most 107.
@@ -77,7 +78,7 @@ def check_ports(host: str, port: int) -> None:
 
 
 def tensors(table: dict, seq_len: int, inputs: bool):
-    """PyTriton Tensor declarations of runtimes.serving's INPUTS or OUTPUTS."""
+    """PyTriton Tensor declarations of runtimes.serving's INPUTS or OUTPUTS (`table`)."""
     from pytriton.model_config import Tensor
 
     def shape(dims):
@@ -107,6 +108,8 @@ def serve(handler: Callable, model_name: str, seq_len: int, host: str, port: int
     from pytriton.exceptions import PyTritonError
     from pytriton.model_config import DynamicBatcher, ModelConfig
     from pytriton.triton import Triton, TritonConfig
+
+    from runtimes.serving import INPUTS, OUTPUTS
 
     def infer(requests) -> list[dict[str, np.ndarray]]:
         start = time.perf_counter()

@@ -6,6 +6,7 @@ never a traceback.
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import platform
 import sys
 from pathlib import Path
@@ -43,7 +44,8 @@ def probe() -> tuple[list[list[str]], list[list[str]]]:
     from runtimes.errors import BackendUnavailable
 
     rows = [["python", f"{platform.python_version()} ({platform.machine()}, {sys.platform})"]]
-    mods = {name: _module(name) for name in ("torch", "onnx", "onnxscript", "onnxslim", "onnxruntime", "tensorrt")}
+    mods = {name: _module(name) for name in ("torch", "onnx", "onnxscript", "onnxslim", "onnxruntime", "tensorrt",
+                                             "pytriton")}
     ok = {name: not isinstance(m, str) for name, m in mods.items()}
     torch = mods["torch"]
     torch_cuda = ok["torch"] and torch.cuda.is_available()
@@ -54,6 +56,7 @@ def probe() -> tuple[list[list[str]], list[list[str]]]:
         rows.append(["torch", mods["torch"]])
     for name in ("onnx", "onnxscript", "onnxslim", "tensorrt"):
         rows.append([name, mods[name].__version__ if ok[name] else mods[name]])
+    rows.append(["pytriton", importlib.metadata.version("nvidia-pytriton") if ok["pytriton"] else mods["pytriton"]])
     providers = mods["onnxruntime"].get_available_providers() if ok["onnxruntime"] else []
     rows.append(["onnxruntime", f"{mods['onnxruntime'].__version__} (providers: {', '.join(providers)})"
                  if ok["onnxruntime"] else mods["onnxruntime"]])
@@ -67,6 +70,13 @@ def probe() -> tuple[list[list[str]], list[list[str]]]:
         rows.append(["GPU", f"none ({e})"])
     jetpack = jetpack_release()
     rows.append(["JetPack (L4T)", jetpack or f"not a Jetson ({TEGRA_RELEASE} absent)"])
+
+    from lddm_export.serve import ServeError, python_library_dir
+    try:
+        python_library_dir()
+        libpython = None
+    except ServeError as e:
+        libpython = str(e)
 
     def can(yes: bool, why_not: str) -> str:
         return "yes" if yes else f"no: {why_not}"
@@ -83,6 +93,8 @@ def probe() -> tuple[list[list[str]], list[list[str]]]:
         ["build TensorRT engines (--engines on)",
          can(ok["tensorrt"] and gpu is not None, "needs tensorrt and a CUDA GPU")],
         ["run the torch reference on the GPU", can(torch_cuda, "needs a CUDA build of torch and a GPU")],
+        ["serve on Triton (lddm-export serve)", can(ok["pytriton"] and libpython is None,
+                                                    libpython or "pip install 'lddm-export[serve]'")],
     ]
     return rows, caps
 

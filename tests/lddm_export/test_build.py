@@ -414,6 +414,11 @@ def test_doctor_reports_versions_and_capabilities():
     if not HAS_TENSORRT:
         assert "build TensorRT engines (--engines on)  " in result.output
         assert result.output.count("no: needs tensorrt and a CUDA GPU") == 1
+    serving = importlib.util.find_spec("pytriton") is not None
+    assert rows["serve on Triton (lddm-export serve)"] == ("yes" if serving else "'lddm-export[serve]'")
+    # doctor's serving probe imports neither torch nor PyTriton (a Jetson may have neither)
+    code = "import sys, lddm_export.serve; assert not {'torch', 'pytriton'} & set(sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2]).returncode == 0
 
 
 def test_jetpack_release_line(tmp_path):
