@@ -22,6 +22,25 @@ MAX_PORT = 65535 - 2          # gRPC and metrics take the next two ports
 MAX_QUEUE_DELAY_MS = 10_000
 
 
+def serving_options(command):
+    """The options `serve` and `triton-repo` share: what one request may ask, and the batcher."""
+    options = [
+        click.option("--max-samples", type=Int(1, MAX_SAMPLES), default=256, show_default=True,
+                     help="the most samples one request may ask for"),
+        click.option("--max-steps", type=Int(1, MAX_STEPS), default=1024, show_default=True,
+                     help="the most token (or latent) steps one request may ask for"),
+        click.option("--max-latent-candidates", type=Int(1, MAX_LATENT_CANDIDATES), default=16, show_default=True,
+                     help="the most SEQ latent candidates one prompted request may ask for"),
+        click.option("--max-requests", type=Int(1, MAX_BATCH), default=64, show_default=True,
+                     help="requests per dynamic batch"),
+        click.option("--queue-delay-ms", type=Int(0, MAX_QUEUE_DELAY_MS), default=5, show_default=True,
+                     help="how long the dynamic batcher waits for more requests"),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @click.command("serve")
 @click.option("--bundle", "bundle_dir", required=True, type=click.Path(path_type=Path), help="bundle directory")
 @click.option("--backend", default="ort", show_default=True, help="torch, ort, ort-trt or trt")
@@ -31,16 +50,7 @@ MAX_QUEUE_DELAY_MS = 10_000
 @click.option("--port", type=Int(1024, MAX_PORT), default=8000, show_default=True,
               help="HTTP port; gRPC uses port + 1, metrics port + 2")
 @click.option("--model-name", default="lddm", show_default=True, help="the model's name on the server")
-@click.option("--max-samples", type=Int(1, MAX_SAMPLES), default=256, show_default=True,
-              help="the most samples one request may ask for")
-@click.option("--max-steps", type=Int(1, MAX_STEPS), default=1024, show_default=True,
-              help="the most token (or latent) steps one request may ask for")
-@click.option("--max-latent-candidates", type=Int(1, MAX_LATENT_CANDIDATES), default=16, show_default=True,
-              help="the most SEQ latent candidates one prompted request may ask for")
-@click.option("--max-requests", type=Int(1, MAX_BATCH), default=64, show_default=True,
-              help="requests per dynamic batch")
-@click.option("--queue-delay-ms", type=Int(0, MAX_QUEUE_DELAY_MS), default=5, show_default=True,
-              help="how long the dynamic batcher waits for more requests")
+@serving_options
 @click.option("--ckpt", type=click.Path(path_type=Path), default=None,
               help="torch backend: the bundle's model.pt, when not at the path the manifest records")
 @click.option("--threads", type=Int(1, MAX_THREADS), default=None, help="ort on the CPU: intra-op threads per graph")

@@ -14,9 +14,8 @@ from pathlib import Path
 import click
 
 from lddm_export.commands.numbers import Int
-from lddm_export.commands.serve import MAX_QUEUE_DELAY_MS
+from lddm_export.commands.serve import serving_options
 from lddm_export.triton_repo import GRAPH_BACKENDS, KINDS, write_repo
-from runtimes.options import MAX_BATCH, MAX_LATENT_CANDIDATES, MAX_SAMPLES, MAX_STEPS
 from runtimes.serving import Limits
 
 MAX_INSTANCES = 64
@@ -33,16 +32,7 @@ MAX_INSTANCES = 64
 @click.option("--instances", type=Int(1, MAX_INSTANCES), default=1, show_default=True,
               help="instances of the sampler model")
 @click.option("--model-name", default="lddm", show_default=True, help="the sampler model's name")
-@click.option("--max-samples", type=Int(1, MAX_SAMPLES), default=256, show_default=True,
-              help="the most samples one request may ask for")
-@click.option("--max-steps", type=Int(1, MAX_STEPS), default=1024, show_default=True,
-              help="the most token (or latent) steps one request may ask for")
-@click.option("--max-latent-candidates", type=Int(1, MAX_LATENT_CANDIDATES), default=16, show_default=True,
-              help="the most SEQ latent candidates one prompted request may ask for")
-@click.option("--max-requests", type=Int(1, MAX_BATCH), default=64, show_default=True,
-              help="requests per dynamic batch")
-@click.option("--queue-delay-ms", type=Int(0, MAX_QUEUE_DELAY_MS), default=5, show_default=True,
-              help="how long the dynamic batcher waits for more requests")
+@serving_options
 @click.option("--force", is_flag=True, help="replace an existing --out")
 def command(bundle_dir, out, precision, graph_backend, kind, instances, model_name, max_samples, max_steps,
             max_latent_candidates, max_requests, queue_delay_ms, force):
