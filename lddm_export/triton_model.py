@@ -61,7 +61,8 @@ class TritonPythonModel:
         here = Path(__file__).resolve().parent
         manifest = validate_manifest(json.loads((here / "manifest.json").read_text()), here / "manifest.json")
         settings = {k: v["string_value"] for k, v in json.loads(args["model_config"])["parameters"].items()}
-        device = "cuda" if args["model_instance_kind"] == "GPU" and torch.cuda.is_available() else "cpu"
+        gpu = args["model_instance_kind"] == "GPU" and torch.cuda.is_available()
+        device = f"cuda:{args['model_instance_device_id']}" if gpu else "cpu"
         variant, shapes, max_batch = manifest["variant"], manifest["shapes"], manifest["batch_profile"]["max"]
         runners = {}
         for graph in sampler_graphs(variant, "sparse"):
