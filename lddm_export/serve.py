@@ -65,15 +65,15 @@ def triton_environment() -> None:
 
 
 def check_ports(host: str, port: int) -> None:
-    """HTTP, gRPC and metrics ports (port .. port + 2) can be bound on host, before Triton starts."""
-    for p in (port, port + 1, port + 2):
+    """The HTTP and gRPC ports (port, port + 1) can be bound on host, before Triton starts."""
+    for p in (port, port + 1):
         try:
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
             with socket.socket(family, socket.SOCK_STREAM) as probe:
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 probe.bind((host, p))
         except OSError as e:
-            raise ServeError(f"cannot listen on {host}:{p} ({e.strerror}); the server needs ports --port to --port + 2 "
+            raise ServeError(f"cannot listen on {host}:{p} ({e.strerror}); the server needs ports --port and --port + 1 "
                              f"free on --host, so pass another --port or --host") from None
 
 
@@ -97,8 +97,8 @@ def serve(handler: Callable, model_name: str, seq_len: int, host: str, port: int
     Args:
         handler: runtimes.serving.RequestHandler (a list of request arrays -> responses).
         seq_len: L, for the tokens output's shape.
-        host: the address HTTP and gRPC listen on; port: HTTP's, gRPC takes port + 1 and the
-            metrics port + 2 (Triton's 8000, 8001, 8002).
+        host: the address HTTP and gRPC listen on; port: HTTP's, gRPC takes port + 1 (Triton's
+            8000 and 8001; metrics are off).
         max_requests: requests per dynamic batch; queue_delay_us: how long the batcher waits
             for more requests before it sends a batch on.
         on_ready: called once the model is ready; log: one line per dynamic batch served.
@@ -119,7 +119,7 @@ def serve(handler: Callable, model_name: str, seq_len: int, host: str, port: int
         return responses
 
     config = TritonConfig(http_address=host, http_port=port, grpc_address=host, grpc_port=port + 1,
-                          metrics_port=port + 2, allow_metrics=False, exit_on_error=True)
+                          allow_metrics=False, exit_on_error=True)
     if len(tempfile.gettempdir()) > MAX_TMPDIR_CHARS:
         raise ServeError(f"the temporary directory {tempfile.gettempdir()} is too long a path for the server's Unix "
                          f"sockets (at most {MAX_TMPDIR_CHARS} characters); set TMPDIR to a shorter one, e.g. /tmp")

@@ -18,7 +18,7 @@ from lddm_export.commands.numbers import Int
 from runtimes.fileio import check_input_file
 from runtimes.options import MAX_BATCH, MAX_LATENT_CANDIDATES, MAX_SAMPLES, MAX_STEPS, MAX_THREADS
 
-MAX_PORT = 65535 - 2          # gRPC and metrics take the next two ports
+MAX_PORT = 65535 - 1          # gRPC takes the next port
 MAX_QUEUE_DELAY_MS = 10_000
 
 
@@ -48,7 +48,7 @@ def serving_options(command):
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N")
 @click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on (0.0.0.0: every interface)")
 @click.option("--port", type=Int(1024, MAX_PORT), default=8000, show_default=True,
-              help="HTTP port; gRPC uses port + 1, metrics port + 2")
+              help="HTTP port; gRPC uses port + 1")
 @click.option("--model-name", default="lddm", show_default=True, help="the model's name on the server")
 @serving_options
 @click.option("--ckpt", type=click.Path(path_type=Path), default=None,

@@ -88,7 +88,7 @@ EXPORT_CASES = [
     (["build", "--ckpt", "c", "--max-model-gib", "nan"], "--max-model-gib nan must be a positive number of GiB"),
     (["sample", "--stepz", "2"], "No such option '--stepz'"),
     (["serve", "--bundle", "b", "--port", "80"], "--port must be an integer >= 1024, got 80"),
-    (["serve", "--bundle", "b", "--port", "65534"], "--port 65534 is above the limit of 65533"),
+    (["serve", "--bundle", "b", "--port", "65535"], "--port 65535 is above the limit of 65534"),
     (["serve", "--bundle", "b", "--max-samples", "0"], "--max-samples must be a positive integer, got 0"),
     (["serve", "--bundle", "b", "--queue-delay-ms", "-1"], "--queue-delay-ms must be a non-negative integer"),
     (["serve", "--bundle", "b", "--model-name", "a/b"], "--model-name 'a/b' is not a model name"),
