@@ -26,8 +26,7 @@ pass (--score) needs every cell and writes results/text.json, text_run.json and 
 
 One reference-sampler step on 256 samples takes 2.3-4 s of one core at the shipped size, so a
 cell of 256 samples at T = 128 costs about 5-8 minutes, and a row's T = 128 cells about 35;
---reduced-from 128 --reduced-num 32 (the recorded run) keeps 5 x 256 samples for T <= 64 and
-draws 5 x 32 at T = 128.
+split long rows over processes with --steps and --seeds (each cell is its own seeded file).
 """
 from __future__ import annotations
 
@@ -115,13 +114,8 @@ def latent_steps_of(row: str, steps: int, args) -> int | None:
     return steps if row == "seq_ty=T" else args.seq_latent_steps
 
 
-def samples_per_seed(args, steps: int) -> int:
-    """--num, or --reduced-num for chains of --reduced-from steps and more (their cost is ~T)."""
-    return args.reduced_num if args.reduced_from and steps >= args.reduced_from else args.num
-
-
 def cell_path(args, row: str, steps: int, seed: int) -> Path:
-    return Path(args.cache) / f"{row}_T{steps}_seed{seed}_n{samples_per_seed(args, steps)}.npy"
+    return Path(args.cache) / f"{row}_T{steps}_seed{seed}_n{args.num}.npy"
 
 
 def draw_row(row: str, args) -> None:
@@ -136,7 +130,7 @@ def draw_row(row: str, args) -> None:
             if row.endswith("fresh_latent"):
                 model = with_fresh_latent(model, seed)
             start = time.perf_counter()
-            tokens = sample(model, seed, samples_per_seed(args, steps), steps, latent_steps_of(row, steps, args),
+            tokens = sample(model, seed, args.num, steps, latent_steps_of(row, steps, args),
                             args.batch_size).tokens
             tmp = out.with_name(out.name + ".tmp.npy")
             np.save(tmp, tokens.numpy())
@@ -222,7 +216,7 @@ def score(args) -> None:
     results_dir.mkdir(parents=True, exist_ok=True)
     (results_dir / "text.json").write_text(json.dumps(results, indent=2) + "\n")
     run = {"command": " ".join(["python", "benchmarks/text_quality.py", *sys.argv[1:]]),
-           "samples_per_seed": {s: samples_per_seed(args, s) for s in args.steps}, "seeds": args.seeds,
+           "samples_per_seed": args.num, "seeds": args.seeds,
            "seq_latent_steps": args.seq_latent_steps, "ar_samples": {"num": args.num, "seed": args.seeds[0]},
            "checkpoints": {v: {"path": str(p), "sha256": sha256_file(p)} for v, p in checkpoints.items()},
            "samples": {row: {steps: decode_ids(ar_ckpt["tokenizer"], load_cell(args, row, steps, args.seeds[0])[:3])
@@ -273,8 +267,7 @@ def plot(results: dict, args) -> None:
             ax.set_yscale("log")
         ax.set_xlabel("token steps T")
         ax.set_ylabel(ylabel)
-        reduced = f" ({args.reduced_num} for T >= {args.reduced_from})" if args.reduced_from else ""
-        ax.set_title(f"Tiny Shakespeare, {len(args.seeds)} seeds x {args.num} samples per point{reduced}", fontsize=9)
+        ax.set_title(f"Tiny Shakespeare, {len(args.seeds)} seeds x {args.num} samples per point", fontsize=9)
         ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(Path(args.results) / name, dpi=120)
@@ -293,9 +286,6 @@ def main() -> None:
     p.add_argument("--seq-latent-steps", type=int, default=128)
     p.add_argument("--seeds", default="0,1,2,3,4")
     p.add_argument("--num", type=int, default=256, help="samples per seed")
-    p.add_argument("--reduced-num", type=int, default=64, help="samples per seed of the long chains (--reduced-from)")
-    p.add_argument("--reduced-from", type=int, default=0,
-                   help="chains of this many token steps or more draw --reduced-num samples per seed (0: none)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--score", action="store_true", help="score the cached samples and write results/")
