@@ -125,8 +125,13 @@ def choose_graph_backend(bundle: Bundle, graphs: tuple[str, ...], precision: str
 def _graph_files(bundle: Bundle, graph: str, precision: str, backend: str) -> dict[str, Path]:
     """Repository file name (in the version directory) -> bundle file, for one graph model."""
     if backend == "tensorrt":
-        engine = next(e for e in bundle.manifest["engines"] if e["graph"] == graph and e["precision"] == precision)
-        return {"model.plan": bundle.root / engine["file"]}
+        engines = [e for e in bundle.manifest["engines"] if e["graph"] == graph and e["precision"] == precision]
+        gpus = sorted({e["gpu_name"] for e in engines})
+        if len(engines) > 1:   # an engine runs only on the GPU it was built for
+            raise RepoError(f"bundle {bundle.root} has {precision} engines of graph {graph!r} for several GPUs "
+                            f"({', '.join(gpus)}); build the repository from a bundle with the server GPU's engines "
+                            f"only, or use --graph-backend onnxruntime")
+        return {"model.plan": bundle.root / engines[0]["file"]}
     onnx_path = bundle.onnx_path(graph, precision)
     files = {"model.onnx": onnx_path}
     for location in _external_data(onnx_path):

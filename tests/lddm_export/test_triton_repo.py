@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fixtures import cached_tiny_bundle, run_sample
+from fixtures import cached_full_bundle, cached_tiny_bundle, run_sample
 from runtimes.bundle import Bundle
 from runtimes.serving import INPUTS, OUTPUTS
 
@@ -170,3 +170,32 @@ def test_the_repository_serves_on_tritonserver_and_equals_sample(bundle_cache, t
             assert np.array_equal(answer["tokens"], np.load(out))
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def test_tensorrt_graph_models_take_the_bundles_engines_of_one_gpu(bundle_cache, tmp_path, capsys, monkeypatch):
+    """Bookkeeping only (placeholder engine files, no TensorRT, as test_build's engine tests):
+    auto picks tensorrt_plan where every graph has an engine, copies each graph's own engine, and
+    a precision with engines for two GPUs is refused, since an engine runs only where it was built."""
+    from lddm_export import build, engines
+    from lddm_export.cli import main
+    from runtimes.cuda_util import GpuIdentity
+    from test_build import fake_engine_builder
+
+    bundle = shutil.copytree(cached_full_bundle(bundle_cache, "fuji")[0], tmp_path / "bundle")
+    server, jetson = GpuIdentity("NVIDIA H100 80GB HBM3", "9.0"), GpuIdentity("Orin", "8.7")
+    for gpu, precision in ((server, "fp32,fp16"), (jetson, "fp16")):
+        monkeypatch.setattr(engines, "build_engines", fake_engine_builder(gpu, "10.3.0", gpu.name.encode()))
+        build.build_engines_for_bundle(bundle, build.parse_options(engines="on", precision=precision),
+                                       log=lambda line: None)
+    write_repo(capsys, bundle, tmp_path / "repo")          # fp32: the H100's engines only
+    manifest = Bundle.open(bundle).manifest
+    for graph in GRAPHS["fuji"]:
+        assert read_config(tmp_path / "repo" / f"lddm_{graph}" / "config.pbtxt").platform == "tensorrt_plan"
+        engine = next(e for e in manifest["engines"] if e["graph"] == graph and e["precision"] == "fp32")
+        copied = tmp_path / "repo" / f"lddm_{graph}" / "1" / "model.plan"
+        assert copied.read_bytes() == (bundle / engine["file"]).read_bytes() == b"NVIDIA H100 80GB HBM3"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["triton-repo", "--bundle", str(bundle), "--out", str(tmp_path / "r16"), "--precision", "fp16"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "engines of graph 'trunk' for several GPUs (NVIDIA H100 80GB HBM3, Orin)" in err
+    assert not (tmp_path / "r16").exists()
