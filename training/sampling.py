@@ -126,6 +126,10 @@ class _Chain:
                 got = None if noise.y_init is None else list(noise.y_init.shape)
                 raise ShapeMismatch(f"noise.y_init must have shape [B, P, D] = {want}, got {got}; "
                                     f"draw the noise with make_noise(seed, B, cfg, T_x) for this model's config")
+            if noise.y_candidates is not None and list(noise.y_candidates.shape[1:]) != want:
+                raise ShapeMismatch(f"noise.y_candidates must have shape [C - 1, B, P, D] = [C - 1, {want[0]}, "
+                                    f"{want[1]}, {want[2]}], got {list(noise.y_candidates.shape)}; draw the noise "
+                                    f"with draw_noise(..., latent_candidates=C)")
         noise = noise.to(self.device)
         self.u = noise.u  # (T_x, B, L) float64
         self.y_init = noise.y_init.float() if cfg.has_latent else None

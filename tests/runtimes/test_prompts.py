@@ -11,7 +11,7 @@ import torch
 from fixtures import cached_tiny_bundle, run_sample, tiny_tokenizer_entry
 from runtimes.backends import make_runners
 from runtimes.bundle import Bundle
-from runtimes.errors import LddmError
+from runtimes.errors import LddmError, ShapeMismatch
 from runtimes.noise import Noise, draw_noise, latent_shape
 from runtimes.prompts import FREE, HOLE, PromptEncoder, PromptError, start_tokens
 from runtimes.samplers import Sampler
@@ -100,6 +100,11 @@ def test_seq_latent_candidates_keep_the_one_that_best_explains_the_prompt(bundle
         Sampler.from_bundle(bundle, runners).sample(noise, T_y)
     with pytest.raises(LddmError, match="without a prompt or template use one"):
         sampling.sample_call(model, noise, T_y)
+    bad = Noise(noise.u, noise.y_init, noise.y_candidates[:, :1])
+    with pytest.raises(ShapeMismatch, match=r"y_candidates must have shape \[C - 1, B, P, D\]"):
+        sampling.sample_call(model, bad, T_y, known=known)
+    with pytest.raises(ShapeMismatch, match=r"y_candidates must have shape \[C - 1, B, P, D\]"):
+        Sampler.from_bundle(bundle, runners).sample(bad, T_y, known=known)
 
 
 # ----------------------------------------------------------------------------- text -> clamped tokens
