@@ -16,6 +16,7 @@ a Noise: the reference (training/sampling.py) draws its own through draw_noise t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -101,3 +102,16 @@ def draw_noise(seed: int, batch: int, token_steps: int, seq_len: int,
             raise LddmError("latent candidates are SEQ's initial latents; pass latent_shape=(P, D)")
         y_candidates = rng.standard_normal((latent_candidates - 1, batch, *latent_shape)).astype(np.float32)
     return Noise(u, y_init, y_candidates)
+
+
+def batch_noises(seed: int, num: int, batch_size: int, token_steps: int, seq_len: int,
+                 latent_shape: tuple[int, int] | None = None, latent_candidates: int = 1) -> Iterator[tuple[int, Noise]]:
+    """The noise of `num` samples drawn in batches, as every sampler and the CLIs draw it: batch b
+    (rows start .. start + batch - 1, at most batch_size) from seed + b (docs/contracts.md).
+
+    Yields:
+        (start, Noise) per batch, in order.
+    """
+    for b, start in enumerate(range(0, num, batch_size)):
+        yield start, draw_noise(seed + b, min(batch_size, num - start), token_steps, seq_len, latent_shape,
+                                latent_candidates)

@@ -31,7 +31,7 @@ import torch
 
 from runtimes.base import Runner
 from runtimes.errors import LddmError, ShapeMismatch
-from runtimes.noise import Noise, check_latent_candidates, draw_noise, latent_shape
+from runtimes.noise import Noise, batch_noises, check_latent_candidates, latent_shape
 from runtimes.prompts import start_tokens
 from runtimes.schedules import LatentSchedule, MaskSchedule, from_manifest, time_grid
 from runtimes.spec import GRAPHS_BY_VARIANT, HEADS
@@ -373,11 +373,10 @@ class Sampler:
                 yield Step("latent", c * T_y + j, C * T_y, grid[j], grid[j + 1], x, y, y0_hat)
             if C == 1:
                 y0 = y0_hat
-                break
-            score = self._prompt_log_likelihood(y0_hat, known)
-            if y0 is None:
-                y0, best = y0_hat, score
+            elif y0 is None:
+                y0, best = y0_hat, self._prompt_log_likelihood(y0_hat, known)
             else:
+                score = self._prompt_log_likelihood(y0_hat, known)
                 y0 = torch.where((score > best)[:, None, None], y0_hat, y0)
                 best = torch.maximum(score, best)
         grid, alphas = self._token_chain(T_x)
@@ -405,9 +404,8 @@ def sample_batches(sampler: Sampler, seed: int, num: int, steps: int, latent_ste
     """
     shapes = sampler.shapes
     tokens, latents = [], []
-    for b, start in enumerate(range(0, num, batch_size)):
-        noise = draw_noise(seed + b, min(batch_size, num - start), steps, shapes["L"],
-                           latent_shape(sampler.variant, shapes), latent_candidates)
+    for b, (start, noise) in enumerate(batch_noises(seed, num, batch_size, steps, shapes["L"],
+                                                     latent_shape(sampler.variant, shapes), latent_candidates)):
         result = sampler.sample(noise, latent_steps, None if callback is None else lambda step: callback(b, step),
                                 None if known is None else known[start:start + noise.batch])
         tokens.append(result.tokens.cpu())

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from runtimes.errors import LddmError
-from runtimes.noise import Noise, draw_noise, latent_shape
+from runtimes.noise import Noise, batch_noises, latent_shape
 from runtimes.options import MAX_SEED, check_int, check_job
 from runtimes.prompts import FREE
 from runtimes.samplers import Sampler
@@ -219,13 +219,9 @@ class _Chunk:
 
 def _chunks(index: int, request: SampleRequest, variant: str, shapes: dict, max_batch: int) -> list[_Chunk]:
     """The request's noise, chunked as sample_batches chunks it: chunk b from seed + b."""
-    chunks = []
-    for b, start in enumerate(range(0, request.num, max_batch)):
-        noise = draw_noise(request.seed + b, min(max_batch, request.num - start), request.steps, shapes["L"],
-                           latent_shape(variant, shapes), request.latent_candidates)
-        known = None if request.known is None else request.known[start:start + noise.batch]
-        chunks.append(_Chunk(index, start, noise, known))
-    return chunks
+    return [_Chunk(index, start, noise, None if request.known is None else request.known[start:start + noise.batch])
+            for start, noise in batch_noises(request.seed, request.num, max_batch, request.steps, shapes["L"],
+                                             latent_shape(variant, shapes), request.latent_candidates)]
 
 
 def _calls(chunks: list[_Chunk], max_batch: int) -> list[list[_Chunk]]:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from runtimes.errors import LddmError, ShapeMismatch
-from runtimes.noise import Noise, check_latent_candidates, draw_noise
+from runtimes.noise import Noise, batch_noises, check_latent_candidates, draw_noise
 from runtimes.prompts import start_tokens
 from runtimes.options import MAX_BATCH, MAX_SAMPLES, MAX_STEPS, check_int
 from runtimes.schedules import latent_steps_for, time_grid
@@ -51,8 +51,11 @@ def make_noise(seed: int, batch: int, cfg: ModelConfig, token_steps: int) -> Noi
     """
     check_int("batch", batch, 1, MAX_BATCH)
     check_int("token_steps", token_steps, 1, MAX_STEPS)
-    return draw_noise(seed, batch, token_steps, cfg.seq_len,
-                      (cfg.n_latent, cfg.latent_dim) if cfg.has_latent else None)
+    return draw_noise(seed, batch, token_steps, cfg.seq_len, _latent_shape(cfg))
+
+
+def _latent_shape(cfg: ModelConfig) -> tuple[int, int] | None:
+    return (cfg.n_latent, cfg.latent_dim) if cfg.has_latent else None
 
 
 def _float64_scalar(fn, t: float) -> float:
@@ -132,8 +135,8 @@ class _Chain:
                                     f"with draw_noise(..., latent_candidates=C)")
         noise = noise.to(self.device)
         self.u = noise.u  # (T_x, B, L) float64
-        self.y_init = noise.y_init.float() if cfg.has_latent else None
         self.initial_latents = [y.float() for y in noise.initial_latents()] if cfg.has_latent else []
+        self.y_init = self.initial_latents[0] if cfg.has_latent else None
         self.known = known
 
     def start(self) -> torch.Tensor:
@@ -286,7 +289,7 @@ def _prompt_log_likelihood(model: LDDM, y0: torch.Tensor, chain: "_Chain") -> to
     """log p(the clamped tokens | every position masked, y0, t = 1) per sample, float64 [B]: how
     well a SEQ latent candidate explains the prompt (docs/contracts.md, "Samplers")."""
     known = torch.as_tensor(chain.known).to(y0.device)
-    masked = torch.full_like(known, model.cfg.total_vocab - 1)
+    masked = torch.full_like(known, model.cfg.mask_id)
     log_probs, _ = model.token_denoiser(masked, y0, chain.t_tensor(1.0))
     picked = log_probs.gather(-1, known.clamp_min(0)[..., None])[..., 0].double()
     return (picked * (known >= 0)).sum(-1)
@@ -380,8 +383,8 @@ def sample(model: LDDM, seed: int, num: int, steps: int, latent_steps: int | Non
     check_int("steps", steps, 1, MAX_STEPS)
     check_int("batch_size", batch_size, 1, MAX_BATCH)
     tokens, latents = [], []
-    for b, start in enumerate(range(0, num, batch_size)):
-        noise = make_noise(seed + b, min(batch_size, num - start), model.cfg, steps)
+    for b, (_, noise) in enumerate(batch_noises(seed, num, batch_size, steps, model.cfg.seq_len,
+                                                 _latent_shape(model.cfg))):
         out = sample_call(model, noise, latent_steps, cache, float64,
                           None if callback is None else lambda step: callback(b, step))
         tokens.append(out.tokens.cpu())
