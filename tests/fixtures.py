@@ -81,16 +81,23 @@ def tiny_checkpoint(path: Path, variant: str, seed: int = 0, text: bool = False,
     return path
 
 
-def run_sample(capsys, *args) -> tuple[int, str]:
-    """Run `lddm-export sample ARGS` in-process; returns (exit code, stderr)."""
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    """Run `lddm-export ARGS` in-process; returns (exit code, stdout, stderr)."""
     from lddm_export.cli import main
 
     code = 0
     try:
-        main(["sample", *map(str, args)])
+        main([*map(str, args)])
     except SystemExit as e:
         code = e.code
-    return code, capsys.readouterr().err
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def run_sample(capsys, *args) -> tuple[int, str]:
+    """Run `lddm-export sample ARGS` in-process; returns (exit code, stderr)."""
+    code, _, err = run_cli(capsys, "sample", *args)
+    return code, err
 
 
 def build_tiny_bundle(out: Path, ckpt: Path) -> Path:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fixtures import cached_tiny_bundle, run_sample
+from fixtures import cached_tiny_bundle, run_cli, run_sample
 
 pytest.importorskip("pytriton", reason="serving needs PyTriton: pip install 'lddm-export[serve]'")
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
@@ -133,17 +133,13 @@ def test_serve_batches_concurrent_requests_and_each_equals_sample(bundle_cache, 
 
 
 def test_serve_refuses_a_port_in_use(bundle_cache, capsys):
-    from lddm_export.cli import main
-
     bundle = cached_tiny_bundle(bundle_cache, "mdlm")
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1] - 1          # its gRPC port is taken
-        with pytest.raises(SystemExit) as exit_info:
-            main(["serve", "--bundle", str(bundle), "--port", str(port)])
-    assert exit_info.value.code == 1
-    err = capsys.readouterr().err
+        code, _, err = run_cli(capsys, "serve", "--bundle", bundle, "--port", port)
+    assert code == 1
     assert f"cannot listen on 127.0.0.1:{port + 1}" in err and "pass another --port" in err
     assert "Traceback" not in err
 
@@ -152,16 +148,13 @@ def test_serve_refuses_a_python_without_libpython_and_a_long_tmpdir(bundle_cache
     import sysconfig
 
     from lddm_export import serve
-    from lddm_export.cli import main
 
     bundle = cached_tiny_bundle(bundle_cache, "mdlm")
     long_tmp = tmp_path / ("x" * 60)
     long_tmp.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(long_tmp))
-    with pytest.raises(SystemExit) as exit_info:
-        main(["serve", "--bundle", str(bundle), "--port", str(free_ports())])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 1 and "too long a path for the server's Unix sockets" in err
+    code, _, err = run_cli(capsys, "serve", "--bundle", bundle, "--port", free_ports())
+    assert code == 1 and "too long a path for the server's Unix sockets" in err
     assert "set TMPDIR to a shorter one" in err and "Traceback" not in err and list(long_tmp.iterdir()) == []
 
     real = sysconfig.get_config_var

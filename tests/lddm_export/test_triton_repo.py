@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fixtures import cached_full_bundle, cached_tiny_bundle, run_sample
+from fixtures import cached_full_bundle, cached_tiny_bundle, run_cli, run_sample
 from runtimes.bundle import Bundle
 from runtimes.serving import INPUTS, OUTPUTS
 
@@ -32,16 +32,9 @@ GRAPHS = {"fuji": ("trunk", "head"), "seq": ("latent_denoiser", "trunk", "head")
 
 
 def write_repo(capsys, bundle: Path, out: Path, *options: str) -> str:
-    from lddm_export.cli import main
-
-    code = 0
-    try:
-        main(["triton-repo", "--bundle", str(bundle), "--out", str(out), *options])
-    except SystemExit as e:
-        code = e.code
-    captured = capsys.readouterr()
-    assert code == 0, captured.err
-    return captured.out
+    code, out_text, err = run_cli(capsys, "triton-repo", "--bundle", bundle, "--out", out, *options)
+    assert code == 0, err
+    return out_text
 
 
 def read_config(path: Path):
@@ -85,8 +78,6 @@ def test_configs_parse_and_describe_the_bundle(variant, bundle_cache, tmp_path, 
 
 
 def test_refusals(bundle_cache, tmp_path, capsys):
-    from lddm_export.cli import main
-
     bundle = cached_tiny_bundle(bundle_cache, "fuji", text=True)
     (tmp_path / "taken").mkdir()
     cases = [
@@ -98,10 +89,8 @@ def test_refusals(bundle_cache, tmp_path, capsys):
         (["--out", str(bundle.parent), "--force"], "holds the bundle being read"),
     ]
     for options, message in cases:
-        with pytest.raises(SystemExit) as exit_info:
-            main(["triton-repo", "--bundle", str(bundle), *options])
-        err = capsys.readouterr().err
-        assert exit_info.value.code == 1 and message in err and "Traceback" not in err, err
+        code, _, err = run_cli(capsys, "triton-repo", "--bundle", bundle, *options)
+        assert code == 1 and message in err and "Traceback" not in err, err
     assert not (tmp_path / "r").exists() and list((tmp_path / "taken").iterdir()) == []
 
 
@@ -177,7 +166,6 @@ def test_tensorrt_graph_models_take_the_bundles_engines_of_one_gpu(bundle_cache,
     auto picks tensorrt_plan where every graph has an engine, copies each graph's own engine, and
     a precision with engines for two GPUs is refused, since an engine runs only where it was built."""
     from lddm_export import build, engines
-    from lddm_export.cli import main
     from runtimes.cuda_util import GpuIdentity
     from test_build import fake_engine_builder
 
@@ -194,8 +182,6 @@ def test_tensorrt_graph_models_take_the_bundles_engines_of_one_gpu(bundle_cache,
         engine = next(e for e in manifest["engines"] if e["graph"] == graph and e["precision"] == "fp32")
         copied = tmp_path / "repo" / f"lddm_{graph}" / "1" / "model.plan"
         assert copied.read_bytes() == (bundle / engine["file"]).read_bytes() == b"NVIDIA H100 80GB HBM3"
-    with pytest.raises(SystemExit) as exit_info:
-        main(["triton-repo", "--bundle", str(bundle), "--out", str(tmp_path / "r16"), "--precision", "fp16"])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 1 and "engines of graph 'trunk' for several GPUs (NVIDIA H100 80GB HBM3, Orin)" in err
+    code, _, err = run_cli(capsys, "triton-repo", "--bundle", bundle, "--out", tmp_path / "r16", "--precision", "fp16")
+    assert code == 1 and "engines of graph 'trunk' for several GPUs (NVIDIA H100 80GB HBM3, Orin)" in err
     assert not (tmp_path / "r16").exists()
