@@ -380,8 +380,6 @@ def _reusable_bundle(out: Path, ckpt_sha: str, options: BuildOptions, log: Log) 
 
     Raises BundleError when `out` holds something else and --force was not given.
     """
-    if out.exists() and not out.is_dir():
-        raise BundleError(f"--out {out} exists and is not a directory; choose another --out")
     if not out.exists() or not any(out.iterdir()):
         return None
     try:

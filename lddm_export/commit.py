@@ -51,13 +51,16 @@ def exclusive(out: Path, log: Callable[[str], None], flag: str = "--out") -> Ite
     Args:
         out: the directory to be replaced; log: progress sink; flag: how the user named `out`.
     Raises:
-        BundleError: another build holds the lock, or no lock file can be created beside `out`.
+        BundleError: another build holds the lock, no lock file can be created beside `out`, or
+            `out` exists and is not a directory (a file is never replaced, --force or not).
     """
     lock = out.with_name(f".{out.name}.lock")
     fd = _acquire(lock, out, flag)
     try:
         os.write(fd, f"{os.getpid()}\n".encode())
         _clean_leftovers(out, log)
+        if out.exists() and not out.is_dir():
+            raise BundleError(f"{flag} {out} exists and is not a directory; choose another {flag}")
         yield
     finally:
         if _is_file_at(fd, lock):  # unlinked while still locked: an opener of the old file re-checks

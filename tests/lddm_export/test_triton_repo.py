@@ -80,6 +80,7 @@ def test_configs_parse_and_describe_the_bundle(variant, bundle_cache, tmp_path, 
 def test_refusals(bundle_cache, tmp_path, capsys):
     bundle = cached_tiny_bundle(bundle_cache, "fuji", text=True)
     (tmp_path / "taken").mkdir()
+    (tmp_path / "a-file").write_text("mine")
     cases = [
         (["--out", str(tmp_path / "taken")], "exists; pass --force to replace it"),
         (["--out", str(tmp_path / "r"), "--precision", "fp16"], "has no fp16 graph"),
@@ -87,11 +88,13 @@ def test_refusals(bundle_cache, tmp_path, capsys):
         (["--out", str(tmp_path / "r"), "--model-name", "../x"], "is not a model name"),
         (["--out", str(bundle), "--force"], "holds the bundle being read"),
         (["--out", str(bundle.parent), "--force"], "holds the bundle being read"),
+        (["--out", str(tmp_path / "a-file"), "--force"], "exists and is not a directory; choose another --out"),
     ]
     for options, message in cases:
         code, _, err = run_cli(capsys, "triton-repo", "--bundle", bundle, *options)
         assert code == 1 and message in err and "Traceback" not in err, err
     assert not (tmp_path / "r").exists() and list((tmp_path / "taken").iterdir()) == []
+    assert (tmp_path / "a-file").read_text() == "mine" and not list(tmp_path.glob(".a-file.*"))
 
 
 def local_tritonserver(work: Path) -> tuple[Path, Path, dict]:
