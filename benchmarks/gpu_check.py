@@ -63,7 +63,8 @@ def checkpoint_bundle(ckpt: Path, out: Path) -> Bundle:
     """A bundle with a manifest and no ONNX files: all the torch backend needs (spec + checkpoint)."""
     model, raw = load_checkpoint(ckpt)
     cfg = model.cfg
-    specs = graph_specs(cfg.variant, cfg.seq_len, cfg.n_latent, cfg.latent_dim, cfg.total_vocab, cfg.width)
+    specs = graph_specs(cfg.variant, cfg.seq_len, cfg.n_latent, cfg.latent_dim, cfg.total_vocab, cfg.width,
+                        cfg.prompt_latent)
     graphs = {name: {**spec.to_dict(), "onnx": {}} for name, spec in specs.items()}
     manifest = new_manifest(raw["config"], raw["tokenizer"], raw["train"].get("data"), ckpt, sha256_file(ckpt),
                             graphs, {"min": 1, "opt": 8, "max": 64}, opset=18)

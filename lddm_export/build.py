@@ -269,7 +269,8 @@ def export_bundle_graphs(model, raw: dict, ckpt: Path, ckpt_sha: str, bundle_dir
     from training.model import graph_modules
 
     cfg = model.cfg
-    specs = graph_specs(cfg.variant, cfg.seq_len, cfg.n_latent, cfg.latent_dim, cfg.total_vocab, cfg.width)
+    specs = graph_specs(cfg.variant, cfg.seq_len, cfg.n_latent, cfg.latent_dim, cfg.total_vocab, cfg.width,
+                        cfg.prompt_latent)
     graphs, fp32_models, common = {}, {}, {}
     for name, module in graph_modules(model).items():
         started = time.perf_counter()

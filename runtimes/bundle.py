@@ -241,6 +241,9 @@ def _check_config(config, m: dict, where: str) -> None:
     for key, value in wanted.items():
         _require(_same(config.get(key), value), where,
                  f"has config.{key} {_show(config.get(key))}, which disagrees with the manifest's {_show(value)}")
+    prompt_latent = config.get("prompt_latent", False)   # absent in bundles of models before the option
+    _require(isinstance(prompt_latent, bool) and (m["variant"] == "seq" or not prompt_latent), where,
+             f"has config.prompt_latent {_show(prompt_latent)}; expected true (seq only) or false")
 
 
 def _check_files_table(files, where: str) -> None:
@@ -255,7 +258,8 @@ def _check_graphs(graphs, m: dict, where: str) -> None:
     """The graphs are exactly the variant's, with the spec of the manifest's shapes, and their
     ONNX files are listed in the files table."""
     s = m["shapes"]
-    specs = graph_specs(m["variant"], s["L"], s["P"], s["D"], s["V"], s["W"])
+    specs = graph_specs(m["variant"], s["L"], s["P"], s["D"], s["V"], s["W"],
+                        m["config"].get("prompt_latent", False))
     _require(isinstance(graphs, dict) and sorted(graphs) == sorted(specs), where,
              f"lists the graphs {_show(sorted(graphs) if isinstance(graphs, dict) else graphs)}, but a "
              f"{m['variant']} bundle has {sorted(specs)}")

@@ -34,7 +34,7 @@ from runtimes.errors import LddmError, ShapeMismatch
 from runtimes.noise import Noise, batch_noises, check_latent_candidates, latent_shape
 from runtimes.prompts import start_tokens
 from runtimes.schedules import LatentSchedule, MaskSchedule, from_manifest, time_grid
-from runtimes.spec import GRAPHS_BY_VARIANT, HEADS
+from runtimes.spec import CLAMPED, GRAPHS_BY_VARIANT, HEADS
 from runtimes.trajectory import Samples, Step
 
 # The rows a sparse step gathers: u below the unmask probability times (1 + ROW_MARGIN). The
@@ -180,6 +180,8 @@ class Sampler:
         self.mask_schedule, self.latent_schedule = mask_schedule, latent_schedule
         self.float64_draws, self.head, self.cache = float64_draws, head, cache
         self.device = runners[graphs[0]].device
+        # A prompt-aware SEQ latent denoiser (config.prompt_latent) also takes the clamped tokens.
+        self.prompt_latent = variant == "seq" and CLAMPED in runners["latent_denoiser"].spec.input_names
         self.pad_rows = self.device.type == "cuda" if pad_rows is None else pad_rows
         self._compiled_draw = torch.compile(bridge_draw, fullgraph=True, dynamic=False) if compile else None
         self._device_weights: dict[tuple[float, ...], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -201,7 +203,8 @@ class Sampler:
             latent_steps: T_y, SEQ's latent-chain length (required for seq, ignored otherwise).
             known: int64 [B, L], the clamped tokens (runtimes.prompts: an id, or FREE where the
                 sampler generates), or None: every position generated. Clamped positions start
-                unmasked and are carried over; SEQ's latent chain does not see them.
+                unmasked and are carried over; SEQ's latent chain sees them only through a
+                prompt-aware latent denoiser (its "clamped" input: x at t = 1).
         Yields:
             Step after every step: SEQ's T_y latent steps first, then T_x token steps.
             Tensors are on self.device and are not reused by the sampler (safe to keep).
@@ -368,7 +371,8 @@ class Sampler:
         (grid, alpha_sigmas), y0, best = self._latent_chain(T_y), None, None
         for c, y in enumerate(noise.initial_latents()):
             for j in range(T_y):
-                y0_hat = latent_denoiser.infer({"y_t": y, "t": self._t(grid[j], B)})["y0_hat"].clone()
+                feed = {"y_t": y, "t": self._t(grid[j], B), **({CLAMPED: x} if self.prompt_latent else {})}
+                y0_hat = latent_denoiser.infer(feed)["y0_hat"].clone()
                 y = ddim_step(y, y0_hat, alpha_sigmas[j], alpha_sigmas[j + 1])
                 yield Step("latent", c * T_y + j, C * T_y, grid[j], grid[j + 1], x, y, y0_hat)
             if C == 1:

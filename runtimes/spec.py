@@ -14,6 +14,8 @@ from runtimes.errors import ShapeMismatch
 BATCH = "B"
 ROWS = "N"                # the head graph's rows: the positions of a batch that unmask in one step
 DYNAMIC = (BATCH, ROWS)
+# The prompt-aware latent denoiser's token input: the clamped token ids, the mask id where generated.
+CLAMPED = "clamped"
 # The head's TensorRT profile is tuned for rows = opt batch x L / HEAD_OPT_STEPS: one step of a
 # 16-step chain unmasks about L / 16 positions per sample.
 HEAD_OPT_STEPS = 16
@@ -131,8 +133,9 @@ def dynamic_profile(spec: GraphSpec, batch_profile: dict, L: int) -> dict:
     return {"min": 1, "opt": max(1, batch_profile["opt"] * L // HEAD_OPT_STEPS), "max": batch_profile["max"] * L}
 
 
-def graph_specs(variant: str, L: int, P: int, D: int, V: int, W: int) -> dict[str, GraphSpec]:
-    """The docs/design.md graph table for one variant and its fixed sizes (W: the token network's width)."""
+def graph_specs(variant: str, L: int, P: int, D: int, V: int, W: int, prompt_latent: bool = False) -> dict[str, GraphSpec]:
+    """The docs/design.md graph table for one variant and its fixed sizes (W: the token network's width).
+    prompt_latent: SEQ's latent denoiser also takes the clamped tokens (config.prompt_latent)."""
     if variant not in GRAPHS_BY_VARIANT:
         raise ShapeMismatch(f"variant {variant!r} has no graphs; expected one of {sorted(GRAPHS_BY_VARIANT)}")
     B = BATCH
@@ -141,6 +144,7 @@ def graph_specs(variant: str, L: int, P: int, D: int, V: int, W: int) -> dict[st
     y_t = TensorSpec("y_t", "float32", (B, P, D))
     y0 = TensorSpec("y0", "float32", (B, P, D))
     t = TensorSpec("t", "float32", (B,))
+    clamped = TensorSpec(CLAMPED, "int64", (B, L))
     log_probs = TensorSpec("log_probs", "float32", (B, L, V))
     y0_hat = TensorSpec("y0_hat", "float32", (B, P, D))
     latent = TensorSpec("latent", "float32", (B, P, D))
@@ -148,7 +152,7 @@ def graph_specs(variant: str, L: int, P: int, D: int, V: int, W: int) -> dict[st
     token_inputs = {"mdlm": (x_t, t), "fuji": (x_t, y_t, t), "seq": (x_t, y0, t)}[variant]
     io = {"encoder": ((tokens,), (latent,)),
           "denoiser": ((x_t, y_t, t), (log_probs, y0_hat)) if variant == "fuji" else ((x_t, t), (log_probs,)),
-          "latent_denoiser": ((y_t, t), (y0_hat,)),
+          "latent_denoiser": ((y_t, clamped, t) if prompt_latent else (y_t, t), (y0_hat,)),
           "token_denoiser": ((x_t, y0, t), (log_probs,)),
           "trunk": (token_inputs, (hidden, y0_hat) if variant == "fuji" else (hidden,)),
           "head": ((TensorSpec("hidden", "float32", (ROWS, W)),), (TensorSpec("log_probs", "float32", (ROWS, V)),))}

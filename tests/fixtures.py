@@ -108,20 +108,21 @@ def build_tiny_bundle(out: Path, ckpt: Path) -> Path:
     return build_bundle(ckpt, out, options, log=lambda line: None)
 
 
-def cached_tiny_bundle(cache_dir: Path, variant: str, seed: int = 0, text: bool = False) -> Path:
-    """A tiny bundle of `variant` (checkpoint inside it as model.pt), built once per model source.
+def cached_tiny_bundle(cache_dir: Path, variant: str, seed: int = 0, text: bool = False, **overrides) -> Path:
+    """A tiny bundle of `variant` (checkpoint inside it as model.pt), built once per model source;
+    `overrides` change config fields of the tiny model (e.g. prompt_latent=True).
 
     Bundles of older sources (other keys) are removed when a new one is built.
     """
-    key = hashlib.sha256(f"{variant}-{seed}-{text}-{sorted(TINY.items())}".encode()
+    key = hashlib.sha256(f"{variant}-{seed}-{text}-{sorted(TINY.items())}-{sorted(overrides.items())}".encode()
                          + b"".join(source.read_bytes() for source in [*BUILD_SOURCES, Path(__file__)])
                          ).hexdigest()[:16]
-    prefix = f"{variant}{'-text' if text else ''}-seed{seed}-"
+    prefix = f"{variant}{'-text' if text else ''}{''.join(f'-{k}' for k in sorted(overrides))}-seed{seed}-"
     root = Path(cache_dir) / f"{prefix}{key}"
     if not (root / "manifest.json").is_file():
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".{variant}-"))
-        tmp = build_tiny_bundle(work / "bundle", tiny_checkpoint(work / "model.pt", variant, seed, text))
+        tmp = build_tiny_bundle(work / "bundle", tiny_checkpoint(work / "model.pt", variant, seed, text, **overrides))
         (work / "model.pt").rename(tmp / "model.pt")  # beside the hashed files, not among them
         _repoint_checkpoint(tmp, root / "model.pt")
         try:
@@ -170,13 +171,14 @@ def built_example_bundle(cache_dir: Path, ckpt: Path) -> Path:
     return out
 
 
-def cached_full_bundle(cache_dir: Path, variant: str) -> tuple[Path, Path]:
+def cached_full_bundle(cache_dir: Path, variant: str, **overrides) -> tuple[Path, Path]:
     """(bundle, checkpoint): the default build (FP32 and calibrated mixed FP16, no engines) of the
-    tiny `variant` checkpoint, built once per cache for every test that only reads it."""
-    ckpt = Path(cache_dir) / "full" / f"tiny-{variant}.pt"
+    tiny `variant` checkpoint (`overrides`: config fields), built once per cache for every test
+    that only reads it."""
+    ckpt = Path(cache_dir) / "full" / f"tiny-{variant}{''.join(f'-{k}' for k in sorted(overrides))}.pt"
     if not ckpt.is_file():
         ckpt.parent.mkdir(parents=True, exist_ok=True)
-        tiny_checkpoint(ckpt, variant)
+        tiny_checkpoint(ckpt, variant, **overrides)
     return built_example_bundle(ckpt.parent, ckpt), ckpt
 
 

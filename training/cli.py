@@ -97,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-unit-norm", action="store_true", help="do not project latents to the sphere")
     g.add_argument("--encoder-corruption", type=float, default=0.0, metavar="P",
                    help="probability of masking encoder inputs where x_t is masked")
+    g.add_argument("--prompt-latent", action="store_true",
+                   help="seq: a prompt-aware latent denoiser, which also reads the clamped tokens of a prompt "
+                        "or template (trained on random clamps)")
+    g.add_argument("--latent-from", metavar="CKPT",
+                   help="seq: keep this trained seq checkpoint's encoder and token denoiser, frozen, and train "
+                        "only a new latent denoiser (with --prompt-latent: make a model prompt-aware); pass the "
+                        "--preset, sizes and data of the run that wrote it")
     g = p.add_argument_group("optimisation")
     int_arg(g, "--batch-size", default=d.batch_size, help="sequences per training batch (under torchrun: the global batch, split over the ranks)")
     g.add_argument("--lr", type=float, default=d.lr, metavar="X", help="AdamW learning rate after --warmup")
@@ -149,7 +156,7 @@ def run(args: argparse.Namespace) -> dict:
         lambda_y_warmup=args.lambda_y_warmup, lambda_y_delay=args.lambda_y_delay, p_cfg=args.p_cfg,
         token_weighting=args.token_weighting, latent_weighting=args.latent_weighting,
         eval_every=args.eval_every, eval_batches=args.eval_batches, tokenizer=args.tokenizer,
-        text_vocab=args.text_vocab, device=args.device)
+        text_vocab=args.text_vocab, device=args.device, latent_from=args.latent_from)
     check_out_path(args.out)  # before the (possibly slow) data loading
     if not 0 < args.max_model_gib < math.inf:
         raise ConfigError(f"--max-model-gib {args.max_model_gib} must be a positive number of GiB, e.g. 16")
@@ -165,7 +172,8 @@ def run(args: argparse.Namespace) -> dict:
     model_cfg = ModelConfig(
         variant=args.variant, vocab_size=data.vocab_size, seq_len=args.seq_len,
         mask_schedule=args.mask_schedule, latent_schedule=args.latent_schedule,
-        unit_norm_latent=not args.no_unit_norm, encoder_input_corruption=args.encoder_corruption, **sizes)
+        unit_norm_latent=not args.no_unit_norm, encoder_input_corruption=args.encoder_corruption,
+        prompt_latent=args.prompt_latent, **sizes)
     check_model_size(model_cfg, args.max_model_gib)
     dist = distributed.from_env()
     info = train(model_cfg, cfg, data, args.out, resume=args.resume, progress=not args.no_progress, dist=dist)

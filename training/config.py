@@ -40,12 +40,15 @@ class ModelConfig:
     unit_norm_latent: bool = True
     latent_layout: str = "slots"
     encoder_input_corruption: float = 0.0  # prob. of masking encoder inputs where x_t is masked
+    prompt_latent: bool = False  # seq: the latent denoiser also reads the clamped tokens (model.LatentDenoiser)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if f.type == "int" and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ConfigError(f"{f.name} must be a positive integer, got {value!r}")
+            if f.type == "bool" and not isinstance(value, bool):
+                raise ConfigError(f"{f.name} must be true or false, got {value!r}")
             if f.type == "float" and (not isinstance(value, (int, float)) or not math.isfinite(value)):
                 raise ConfigError(f"{f.name} must be a finite number, got {value!r}")
         checks = [
@@ -65,6 +68,8 @@ class ModelConfig:
              f"width ({self.width}) must split into heads ({self.heads}) of even size for rotary"),
             (0.0 <= self.encoder_input_corruption <= 1.0,
              f"encoder_input_corruption must be in [0, 1], got {self.encoder_input_corruption}"),
+            (not self.prompt_latent or self.variant == "seq",
+             f"prompt_latent applies to seq models only, not to {self.variant}"),
         ]
         for ok, message in checks:
             if not ok:

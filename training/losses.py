@@ -10,6 +10,11 @@ Two-stage training (stage is 1 or 2, chosen by the trainer):
   stage 1: the encoder is trained through L_x only (FUJI: the MM-DiT sees the noised
            encoder latent; SEQ: the token denoiser sees the clean encoder latent).
   stage 2: the encoder is frozen (the trainer turns its gradients off); both losses train.
+A third, LATENT_ONLY (SEQ, `lddm-train --latent-from`): L_y alone trains a new latent denoiser
+for a trained model's frozen encoder and token denoiser; L_x is not computed.
+
+A prompt-aware SEQ latent denoiser (config.prompt_latent) is given random clamps of x0
+(random_clamps), so it learns y0 given the noisy latent and whatever tokens a prompt fixes.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from training.model import LDDM
 from training.schedules import latent_schedule, mask_schedule
 
 WEIGHTINGS = ("elbo", "constant")
+LATENT_ONLY = 3  # the stage that trains SEQ's latent denoiser alone
 T_MIN = 1e-3  # t is clamped away from 0, where the ELBO weight 1/t blows up (MDLM's sampling_eps)
 
 
@@ -74,6 +80,28 @@ def drop_latent(y: torch.Tensor, p: float, generator: torch.Generator) -> tuple[
     """Latent dropout: zero a sample's latent with probability p. Returns (y, kept [B] bool)."""
     kept = (torch.rand(y.shape[0], generator=generator) >= p).to(y.device)
     return y * kept[:, None, None].to(y.dtype), kept
+
+
+def random_clamps(x0: torch.Tensor, mask_id: int, generator: torch.Generator) -> torch.Tensor:
+    """What a prompt-aware latent denoiser is trained to read: x0 clamped at random, the mask
+    id elsewhere. Each sample is one of four kinds, equally likely: nothing clamped (unprompted),
+    a prefix of 1..L-1 tokens (continuation), everything but one span of 1..L-1 tokens
+    (infilling), or each token with probability r ~ U(0, 1) (scattered hints).
+
+    Args:
+        x0: int64 [B, L] clean tokens.
+    Returns:
+        int64 [B, L] on x0's device.
+    """
+    B, L = x0.shape
+    kind = torch.randint(0, 4, (B, 1), generator=generator)
+    length = torch.randint(1, L, (B, 1), generator=generator)   # of the prefix, or of the hole
+    start = (torch.rand(B, 1, generator=generator) * (L - length + 1)).long()
+    scattered = torch.rand(B, L, generator=generator) < torch.rand(B, 1, generator=generator)
+    position = torch.arange(L)[None]
+    in_hole = (position >= start) & (position < start + length)
+    clamp = torch.where(kind == 1, position < length, torch.where(kind == 2, ~in_hole, (kind == 3) & scattered))
+    return torch.where(clamp.to(x0.device), x0, torch.full_like(x0, mask_id))
 
 
 # ----------------------------------------------------------------------------- loss terms
@@ -131,7 +159,8 @@ def compute_loss(model: LDDM, x0: torch.Tensor, generator: torch.Generator, stag
         model: the LDDM (any variant).
         x0: int64 [B, L] clean tokens, on the model's device.
         generator: CPU generator for every random draw (t, masks, noise, dropout).
-        stage: 1 (L_x only, encoder trained) or 2 (both losses, encoder frozen by the trainer).
+        stage: 1 (L_x only, encoder trained), 2 (both losses, encoder frozen by the trainer) or,
+            for seq, LATENT_ONLY (L_y only; loss_x is NaN, as it is not computed).
         lambda_y: weight of L_y (ignored in stage 1 and for mdlm/ar).
         opts: weightings and latent dropout.
     Returns:
@@ -156,14 +185,19 @@ def compute_loss(model: LDDM, x0: torch.Tensor, generator: torch.Generator, stag
         loss_x = token_loss(log_probs, x0, masked, t, model, opts.token_weighting)
         loss_y = latent_loss(y0_hat, y0, t, model, opts.latent_weighting, kept)
     else:  # seq: the token denoiser sees the clean latent; the latent denoiser has its own t
-        y_in, _ = drop_latent(y0, opts.p_cfg, generator)
-        log_probs, _ = model.token_denoiser(x_t, y_in, t_dev)
-        loss_x = token_loss(log_probs, x0, masked, t, model, opts.token_weighting)
+        if stage != LATENT_ONLY:
+            y_in, _ = drop_latent(y0, opts.p_cfg, generator)
+            log_probs, _ = model.token_denoiser(x_t, y_in, t_dev)
+            loss_x = token_loss(log_probs, x0, masked, t, model, opts.token_weighting)
         if stage == 1:
             return LossTerms(loss_x, loss_x.item(), 0.0)
         t_y = sample_times(B, generator)
         y_t = noise_latent(y0.detach(), t_y, model, generator)
-        loss_y = latent_loss(model.latent_denoiser(y_t, t_y.to(x0.device)), y0, t_y, model, opts.latent_weighting)
+        clamped = random_clamps(x0, model.cfg.mask_id, generator) if model.cfg.prompt_latent else None
+        y0_hat = model.latent_denoiser(y_t, t_y.to(x0.device), clamped)
+        loss_y = latent_loss(y0_hat, y0, t_y, model, opts.latent_weighting)
+        if stage == LATENT_ONLY:
+            return LossTerms(loss_y, float("nan"), loss_y.item())
     if stage == 1:
         return LossTerms(loss_x, loss_x.item(), loss_y.item())
     return LossTerms(loss_x + lambda_y * loss_y, loss_x.item(), loss_y.item())

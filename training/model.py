@@ -236,16 +236,30 @@ class JointDenoiser(nn.Module):
 
 
 class LatentDenoiser(nn.Module):
-    """SEQ's latent denoiser: a DiT over the P latent slots, (y_t, t) -> y0_hat."""
+    """SEQ's latent denoiser: a DiT over the P latent slots, (y_t, t) -> y0_hat.
+
+    Prompt-aware (cfg.prompt_latent): an MM-DiT over the clamped tokens and the latent slots,
+    (y_t, t, clamped) -> y0_hat, where `clamped` holds the prompt's token ids and the mask id at
+    every generated position (all mask ids: unprompted). The latent chain then starts from a
+    latent consistent with the prompt; it is trained on random clamps (losses.random_clamps).
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.prompt_aware, self.mask_id = cfg.prompt_latent, cfg.mask_id
         self.latent_in = nn.Linear(cfg.latent_dim, cfg.width)
-        self.backbone = Backbone(cfg, cfg.latent_depth, 1, torch.arange(cfg.n_latent))
+        if self.prompt_aware:
+            self.embed = nn.Embedding(cfg.total_vocab, cfg.width)
+            self.backbone = Backbone(cfg, cfg.latent_depth, 2, joint_positions(cfg))
+        else:
+            self.backbone = Backbone(cfg, cfg.latent_depth, 1, torch.arange(cfg.n_latent))
         self.head = FinalLayer(cfg.width, cfg.cond_dim, cfg.latent_dim)
 
-    def forward(self, y_t, t):  # (B, P, D), (B,) -> (B, P, D)
-        (h,), c = self.backbone([self.latent_in(y_t)], t)
+    def forward(self, y_t, t, clamped=None):  # (B, P, D), (B,), (B, L) int64 or None -> (B, P, D)
+        if not self.prompt_aware:
+            (h,), c = self.backbone([self.latent_in(y_t)], t)
+        else:
+            (_, h), c = self.backbone([self.embed(clamped), self.latent_in(y_t)], t)
         return self.head(h, c)
 
 
@@ -357,6 +371,11 @@ class LatentDenoiserGraph(nn.Module):
         return self.latent_denoiser(y_t, t)
 
 
+class PromptLatentDenoiserGraph(LatentDenoiserGraph):
+    def forward(self, y_t, clamped, t):
+        return self.latent_denoiser(y_t, t, clamped)
+
+
 class TokenDenoiserGraph(nn.Module):
     def __init__(self, model: LDDM):
         super().__init__()
@@ -431,4 +450,7 @@ def graph_modules(model: LDDM) -> dict[str, nn.Module]:
     if model.cfg.variant not in GRAPHS_BY_VARIANT:
         raise ValueError(f"variant {model.cfg.variant!r} has no exported graphs; "
                          f"exportable variants are {sorted(GRAPHS_BY_VARIANT)}")
-    return {name: cls(model).eval() for name, cls in GRAPHS_BY_VARIANT[model.cfg.variant].items()}
+    wrappers = dict(GRAPHS_BY_VARIANT[model.cfg.variant])
+    if model.cfg.prompt_latent:
+        wrappers["latent_denoiser"] = PromptLatentDenoiserGraph
+    return {name: cls(model).eval() for name, cls in wrappers.items()}

@@ -243,8 +243,8 @@ def sample_seq(model: LDDM, noise: Noise, latent_steps: int, float64: bool = Tru
             sample keeps the candidate whose y0 gives its known tokens the highest log-likelihood
             under the token network's first step (all masked, t = 1), the first on a tie.
         latent_steps: T_y (each chain on its own grid t_k = 1 - k / T).
-        float64, known: as in sample_mdlm (the latent chain does not see the known tokens;
-            candidates need them).
+        float64, known: as in sample_mdlm (the latent chain sees the known tokens only if the
+            model's latent denoiser is prompt-aware, config.prompt_latent; candidates need them).
         callback: called with a Step after every step: the C x T_y latent steps first (phase
             "latent", x the start, y after the DDIM update, y0_hat), then the T_x token steps
             (y the clean y0, y0_hat None); or None.
@@ -262,7 +262,7 @@ def sample_seq(model: LDDM, noise: Noise, latent_steps: int, float64: bool = Tru
     for c, y in enumerate(chain.initial_latents):   # C candidates: keep the best-explaining, the first on a tie
         for j in range(latent_steps):
             t, s = grid[j], grid[j + 1]
-            y0_hat = model.latent_denoiser(y, chain.t_tensor(t))
+            y0_hat = model.latent_denoiser(y, chain.t_tensor(t), x)   # x: the clamped tokens (if prompt-aware)
             y = chain.latent_update(y, y0_hat, t, s)
             if callback is not None:
                 callback(Step("latent", c * latent_steps + j, C * latent_steps, t, s, x, y, y0_hat))

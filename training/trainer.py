@@ -4,7 +4,9 @@ two-stage training for the latent variants, periodic held-out evaluation, resuma
 Stages (fuji, seq): the first round(stage1_frac * max_steps) steps train the encoder and the
 token denoiser through L_x only; afterwards the encoder is frozen and both losses train, with
 lambda_y ramped from the start of stage 2. stage1_frac = 0 is single-stage joint training
-(the encoder stays trainable, L_y on from step 0). mdlm and ar have one stage.
+(the encoder stays trainable, L_y on from step 0). mdlm and ar have one stage. A SEQ run with
+latent_from starts from a trained SEQ checkpoint's encoder and token denoiser, both frozen, and
+trains a new latent denoiser alone (losses.LATENT_ONLY): how a model gets a prompt-aware one.
 
 Resuming: a resume file beside the output (`<out>.resume.pt`) holds the weights, the EMA, the
 optimizer, the step and the random state; it is rewritten at every evaluation and at the end.
@@ -40,7 +42,8 @@ from training.checkpoint import CheckpointError, save_checkpoint
 from training.config import ConfigError, ModelConfig
 from training.data import HELDOUT_SEED
 from training.distributed import Dist
-from training.losses import WEIGHTINGS, LossOptions, LossTerms, compute_loss, lambda_y_at
+from training.checkpoint import load_checkpoint
+from training.losses import LATENT_ONLY, WEIGHTINGS, LossOptions, LossTerms, compute_loss, lambda_y_at
 from training.model import LDDM
 
 RESUME_FORMAT = "lddm-resume"
@@ -72,6 +75,7 @@ class TrainConfig:
     tokenizer: str = "bpe"          # text data: "bpe" (trained on the corpus) or "bert"
     text_vocab: int = 512           # text data, bpe: vocabulary size
     device: str = "auto"
+    latent_from: str | None = None  # seq: a trained seq checkpoint whose encoder and token denoiser are kept
 
     def __post_init__(self):
         checks = [
@@ -135,7 +139,35 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def stage1_steps(model_cfg: ModelConfig, cfg: TrainConfig) -> int:
-    return round(cfg.stage1_frac * cfg.max_steps) if model_cfg.has_latent else 0
+    return round(cfg.stage1_frac * cfg.max_steps) if model_cfg.has_latent and cfg.latent_from is None else 0
+
+
+def adopt_trained_networks(run: "Run", path: str, data) -> None:
+    """latent_from: copy a trained SEQ checkpoint's encoder and token denoiser into the run's model
+    (and its EMA). The checkpoint must be of this model's config but for prompt_latent, and of
+    the same tokenizer.
+
+    Raises:
+        ConfigError: the model is not seq.
+        CheckpointError: the checkpoint is unreadable, or another model's or another data's.
+    """
+    mine = run.model.cfg
+    if mine.variant != "seq":
+        raise ConfigError(f"--latent-from trains a new latent denoiser, which only seq models have, not "
+                          f"{mine.variant}; pass --variant seq")
+    trained, ckpt = load_checkpoint(path)
+    if trained.cfg != dataclasses.replace(mine, prompt_latent=trained.cfg.prompt_latent):
+        mine_dict, theirs = mine.to_dict(), trained.cfg.to_dict()
+        diff = sorted(k for k in mine_dict if k != "prompt_latent" and mine_dict[k] != theirs[k])
+        raise CheckpointError(f"--latent-from {path} holds another model (its config differs in {diff}); pass the "
+                              f"--variant, --preset, sizes and data of the run that wrote it")
+    if ckpt["tokenizer"] != data.tokenizer:
+        raise CheckpointError(f"--latent-from {path} was trained with another tokenizer than --data {data.name} "
+                              f"gives; pass the data and tokenizer options of the run that wrote it")
+    for model in (run.model, run.ema_model):
+        if model is not None:
+            model.encoder.load_state_dict(trained.encoder.state_dict())
+            model.token_denoiser.load_state_dict(trained.token_denoiser.state_dict())
 
 
 @torch.no_grad()
@@ -290,13 +322,17 @@ def distributed_loss(run: Run, stage: int) -> torch.nn.Module:
     return run.ddp[1]
 
 
-def enter_stage(run: Run, n_stage1: int) -> int:
-    """The stage of run.step (1 or 2), with the encoder trainable in stage 1 only.
+def enter_stage(run: Run, n_stage1: int, latent_only: bool = False) -> int:
+    """The stage of run.step (1 or 2, or LATENT_ONLY), with the encoder trainable in stage 1 only.
 
     At the first step of stage 2 the running train losses restart (the loss changes), and the
     EMA's encoder becomes the frozen one: it defines the latents of stage 2, so the saved
-    encoder must be it.
+    encoder must be it. LATENT_ONLY freezes the encoder and the token denoiser throughout.
     """
+    if latent_only:
+        run.model.encoder.requires_grad_(False)
+        run.model.token_denoiser.requires_grad_(False)
+        return LATENT_ONLY
     stage = 1 if run.step < n_stage1 else 2
     if n_stage1 > 0:
         run.model.encoder.requires_grad_(stage == 1)
@@ -341,7 +377,8 @@ def train_step(run: Run, data, device: torch.device, cfg: TrainConfig, stage: in
 def loss_fields(terms, stage: int, n_stage1: int, has_latent: bool) -> dict[str, str]:
     """The progress bar's fields: the stage where there are two, loss_y where there is a latent."""
     fields = {"stage": str(stage)} if n_stage1 else {}
-    fields["loss_x"] = f"{terms.loss_x:.4f}"
+    if stage != LATENT_ONLY:
+        fields["loss_x"] = f"{terms.loss_x:.4f}"
     if has_latent:
         fields["loss_y"] = f"{terms.loss_y:.4f}"
     return fields
@@ -351,8 +388,10 @@ def evaluation_record(run: Run, heldout: list[torch.Tensor], device: torch.devic
                       opts: LossOptions, has_latent: bool) -> dict[str, float]:
     """The history entry of this step: the mean recent train losses and the held-out losses."""
     ev = evaluate(run.kept_model, heldout, device, cfg.lambda_y, opts)
-    record = {"step": run.step, "train_x": sum(r[0] for r in run.recent) / len(run.recent),
-              "heldout_x": ev["heldout_x"]}
+    record = {"step": run.step}
+    if cfg.latent_from is None:   # a latent-only run does not compute L_x while training
+        record["train_x"] = sum(r[0] for r in run.recent) / len(run.recent)
+    record["heldout_x"] = ev["heldout_x"]
     if has_latent:
         record.update(train_y=sum(r[1] for r in run.recent) / len(run.recent), heldout_y=ev["heldout_y"])
     return record
@@ -427,6 +466,8 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, data, out: Path, resume, pr
     main = dist is None or dist.is_main
     say = (log or print_line) if main else (lambda line: None)
     run = start_run(model_cfg, cfg, device)
+    if cfg.latent_from is not None:
+        adopt_trained_networks(run, cfg.latent_from, data)
     opts = LossOptions(cfg.token_weighting, cfg.latent_weighting, cfg.p_cfg)
     heldout = data.heldout_batches(cfg.batch_size, cfg.eval_batches)
     n_stage1 = stage1_steps(model_cfg, cfg)
@@ -443,7 +484,7 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, data, out: Path, resume, pr
     try:
         with show_progress(cfg.max_steps, f"train {model_cfg.variant}", initial=run.step, enabled=progress) as bar:
             while run.step < cfg.max_steps:
-                stage = enter_stage(run, n_stage1)
+                stage = enter_stage(run, n_stage1, latent_only=cfg.latent_from is not None)
                 terms = train_step(run, data, device, cfg, stage, lambda_y_for(run.step, n_stage1, cfg), opts, dist)
                 bar.set_postfix(**loss_fields(terms, stage, n_stage1, model_cfg.has_latent))
                 bar.update(1)

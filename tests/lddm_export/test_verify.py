@@ -63,6 +63,15 @@ def test_good_bundle_passes_and_writes_parity_json(built):
     assert written["graphs"]["fp16"]["token_denoiser"]["outputs"]["log_probs"]["kl"] is not None
 
 
+def test_a_prompt_aware_seq_bundle_passes_with_its_clamped_input(bundle_cache):
+    bundle, ckpt = cached_full_bundle(bundle_cache, "seq", prompt_latent=True)
+    report = verify_bundle(bundle, ckpt, FAST, log=lambda line: None)
+    assert report["passed"] and not report["failures"]
+    written = json.loads((bundle / "parity.json").read_text())
+    assert written["graphs"]["fp16"]["latent_denoiser"]["passed"]
+    assert written["trajectory"]["fp32"]["prompted_final_token_agreement"] >= 0.999
+
+
 def _scale_head_by_one_percent(model: onnx.ModelProto) -> None:
     w = _head_weight(model)
     w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * 1.01, w.name))

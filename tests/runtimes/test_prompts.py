@@ -21,9 +21,10 @@ from training.checkpoint import load_checkpoint, load_reference_graphs
 B, T = 6, 8
 
 
-@pytest.fixture(scope="module", params=["mdlm", "fuji", "seq"])
+@pytest.fixture(scope="module", params=["mdlm", "fuji", "seq", "seq-prompt-latent"])
 def bundle(request, bundle_cache):  # noqa: F811
-    return Bundle.open(cached_tiny_bundle(bundle_cache, request.param))
+    variant, _, prompt_aware = request.param.partition("-")
+    return Bundle.open(cached_tiny_bundle(bundle_cache, variant, **({"prompt_latent": True} if prompt_aware else {})))
 
 
 def known_tokens(bundle: Bundle) -> torch.Tensor:
@@ -51,8 +52,12 @@ def test_clamped_tokens_never_change_and_every_form_samples_alike(bundle, backen
         steps = list(Sampler.from_bundle(bundle, runners, head=head).steps(noise, latent_steps, known))
         assert all(torch.equal(step.x[clamped], known[clamped]) for step in steps)   # from t = 1 on
         assert torch.equal(steps[-1].x, reference)
-    unprompted = sampling.sample_call(model, noise, latent_steps).tokens
-    assert not torch.equal(unprompted[clamped], known[clamped])   # the clamp did something
+    unprompted = sampling.sample_call(model, noise, latent_steps)
+    assert not torch.equal(unprompted.tokens[clamped], known[clamped])   # the clamp did something
+    if model.cfg.prompt_latent:   # the latent chain read the prompt (and the runtime's alike)
+        latent = sampling.sample_call(model, noise, latent_steps, known=known).latent
+        assert not torch.allclose(latent, unprompted.latent, atol=1e-3)
+        assert torch.allclose(steps[-1].y, latent, atol=1e-5)
 
 
 def test_start_tokens_checks_what_it_is_given():

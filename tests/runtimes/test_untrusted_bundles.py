@@ -503,6 +503,15 @@ def test_the_issues_manifest_values_are_refused(source, work, change, message):
         assert message in assert_refused(case, command)
 
 
+@pytest.mark.parametrize("value", ["yes", 1, True])
+def test_config_prompt_latent_is_true_or_false_and_seq_only(source, work, value):
+    """The source is a fuji bundle: true is refused too (a fuji model has no latent denoiser)."""
+    case = prepare(source, work)
+    case.manifest["config"]["prompt_latent"] = value
+    case.write()
+    assert "config.prompt_latent" in assert_refused(case, "inspect")
+
+
 def test_a_manifest_nested_too_deeply_is_refused(source, work):
     case = prepare(source, work)
     (case.root / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
