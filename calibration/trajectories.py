@@ -12,6 +12,7 @@ import torch
 from runtimes.base import Runner
 from runtimes.noise import draw_noise, latent_shape
 from runtimes.progress import progress
+from runtimes.prompts import FREE
 from runtimes.samplers import Sampler
 from runtimes.schedules import latent_steps_for
 from runtimes.spec import HEADS
@@ -54,8 +55,10 @@ def record_feeds(sampler: Sampler, seeds: list[int], batch: int, token_steps: in
     (progress on stderr).
 
     Each seed is sampled with the dense head (the token graphs' feeds) and with the sparse head
-    (the trunk's, and the head's: the hidden rows that unmask). The encoder is not called while
-    sampling; it is fed the sampled token sequences, which stand for the data it encodes.
+    (the trunk's, and the head's: the hidden rows that unmask); a prompt-aware SEQ model once
+    more, prompted with the first half of each sample, so that its latent denoiser is seen
+    reading tokens. The encoder is not called while sampling; it is fed the sampled token
+    sequences, which stand for the data it encodes.
 
     Args:
         sampler: a Sampler over active runners (FP32, any backend) of every graph either head
@@ -72,12 +75,16 @@ def record_feeds(sampler: Sampler, seeds: list[int], batch: int, token_steps: in
                                sampler.latent_schedule, sampler.float64_draws, head=head) for head in HEADS}
     shapes = sampler.shapes
     samples = []
-    steps = len(seeds) * len(HEADS) * (token_steps + (latent_steps or 0))
+    calls = len(HEADS) + sampler.prompt_latent
+    steps = len(seeds) * calls * (token_steps + (latent_steps or 0))
     with progress(steps, "calibrate: sampling trajectories") as bar:
         for seed in seeds:
             noise = draw_noise(seed, batch, token_steps, shapes["L"], latent_shape(sampler.variant, shapes))
             for head in HEADS:
                 tokens = recording[head].sample(noise, latent_steps, callback=lambda step: bar.update(1)).tokens
+            if sampler.prompt_latent:   # its latent denoiser reads prompts: the samples' first halves
+                known = torch.where(torch.arange(shapes["L"]) < shapes["L"] // 2, tokens.cpu(), FREE)
+                recording["dense"].sample(noise, latent_steps, callback=lambda step: bar.update(1), known=known)
             samples.append(tokens.cpu())
     feeds = {name: r.feeds for name, r in recorders.items()}
     if sampler.variant != "mdlm":

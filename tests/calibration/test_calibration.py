@@ -44,6 +44,16 @@ def test_feeds_cover_every_step_of_every_trajectory(fuji):
     assert len(feeds["encoder"]) == len(SEEDS)
 
 
+def test_a_prompt_aware_latent_denoiser_is_recorded_reading_prompts(bundle_cache):  # noqa: F811
+    bundle = Bundle.open(cached_tiny_bundle(bundle_cache, "seq", prompt_latent=True))
+    runners = {g: r.activate() for g, r in make_runners(bundle, "ort").items()}
+    feeds = record_feeds(Sampler.from_bundle(bundle, runners), SEEDS, BATCH, STEPS, STEPS)["latent_denoiser"]
+    mask, L = bundle.shapes["mask_id"], bundle.shapes["L"]
+    prompted = [f["clamped"] for f in feeds if (f["clamped"] != mask).any()]
+    assert len(feeds) == 3 * STEPS * len(SEEDS) and len(prompted) == STEPS * len(SEEDS)   # dense, sparse, prompted
+    assert all((c[:, : L // 2] != mask).all() and (c[:, L // 2:] == mask).all() for c in prompted)
+
+
 def test_activation_stats_are_finite_and_consistent(fuji):
     _, feeds, model = fuji
     stats = activation_stats(model, feeds["denoiser"])
