@@ -38,11 +38,10 @@ import torch
 
 from runtimes.fileio import WriteError, check_input_file, check_target, write_atomic
 from runtimes.progress import progress as show_progress
-from training.checkpoint import CheckpointError, save_checkpoint
+from training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from training.config import ConfigError, ModelConfig
 from training.data import HELDOUT_SEED
 from training.distributed import Dist
-from training.checkpoint import load_checkpoint
 from training.losses import LATENT_ONLY, WEIGHTINGS, LossOptions, LossTerms, compute_loss, lambda_y_at
 from training.model import LDDM
 

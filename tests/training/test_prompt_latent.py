@@ -111,12 +111,17 @@ def test_latent_from_keeps_the_trained_networks_and_trains_a_new_latent_denoiser
     assert [sorted(record) for record in info["history"]] == [["heldout_x", "heldout_y", "step", "train_y"]] * 2
 
 
-def test_latent_from_refuses_another_variant_or_model(trained_seq, tmp_path):
+def test_latent_from_refuses_another_variant_model_or_tokenizer(trained_seq, tmp_path):
     with pytest.raises(ConfigError, match="only seq models have, not mdlm; pass --variant seq"):
         train(fixtures.tiny_config("mdlm", vocab_size=2, seq_len=L), run_config(latent_from=str(trained_seq)),
               SawtoothData(L), tmp_path / "m.pt", progress=False)
     with pytest.raises(CheckpointError, match=r"holds another model \(its config differs in \['width'\]\)"):
         train(tiny_config(prompt_latent=True, width=64), run_config(latent_from=str(trained_seq)), SawtoothData(L),
+              tmp_path / "m.pt", progress=False)
+    other_data = SawtoothData(L)
+    other_data.tokenizer = fixtures.tiny_tokenizer_entry()   # the checkpoint has none
+    with pytest.raises(CheckpointError, match="was trained with another tokenizer than --data sawtooth gives"):
+        train(tiny_config(prompt_latent=True), run_config(latent_from=str(trained_seq)), other_data,
               tmp_path / "m.pt", progress=False)
 
 
