@@ -7,6 +7,9 @@ the seeds. Rows:
 - mdlm, fuji;
 - seq: --seq-latent-steps latent steps (stated in the output); seq_ty=T: as many latent
   steps as token steps;
+- seq_prompt: the prompt-aware SEQ (examples/text-seq-prompt.pt: text-seq.pt with a latent
+  denoiser that also reads clamped tokens), unprompted, at --seq-prompt-steps: whether a latent
+  denoiser trained on random clamps keeps the unprompted quality;
 - fuji_fresh_latent, seq_fresh_latent (the ablation, at --ablation-steps): every call of
   the token denoiser sees fresh noise instead of the sampled latent. FUJI's latent input is
   alpha(t) y + sigma(t) eps with y a fresh random point of the encoder's latent sphere (the
@@ -51,9 +54,9 @@ from training.schedules import latent_schedule
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = (1, 2, 4, 8, 16, 32, 64, 128)
-ROWS = ("mdlm", "fuji", "seq", "seq_ty=T", "fuji_fresh_latent", "seq_fresh_latent")
-MODEL_OF_ROW = {"mdlm": "mdlm", "fuji": "fuji", "seq": "seq", "seq_ty=T": "seq",
-                "fuji_fresh_latent": "fuji", "seq_fresh_latent": "seq"}
+ROWS = ("mdlm", "fuji", "seq", "seq_ty=T", "seq_prompt", "fuji_fresh_latent", "seq_fresh_latent")
+MODEL_OF_ROW = {"mdlm": "mdlm", "fuji": "fuji", "seq": "seq", "seq_ty=T": "seq", "seq_prompt": "seq-prompt",
+                "fuji_fresh_latent": "fuji", "seq_fresh_latent": "seq"}   # examples/text-<model>.pt
 
 
 # ----------------------------------------------------------------------------- the ablation
@@ -103,13 +106,15 @@ def with_fresh_latent(model: LDDM, seed: int) -> LDDM:
 def row_steps(row: str, args) -> tuple[int, ...]:
     if row.endswith("fresh_latent"):
         return tuple(args.ablation_steps)
+    if row == "seq_prompt":
+        return tuple(args.seq_prompt_steps)
     if row == "seq_ty=T":  # T = T_y = the seq row's latent steps is the seq row's cell
         return tuple(s for s in args.steps if s != args.seq_latent_steps)
     return tuple(args.steps)
 
 
 def latent_steps_of(row: str, steps: int, args) -> int | None:
-    if MODEL_OF_ROW[row] != "seq":
+    if not MODEL_OF_ROW[row].startswith("seq"):
         return None
     return steps if row == "seq_ty=T" else args.seq_latent_steps
 
@@ -191,7 +196,8 @@ def heldout(args, ar_ckpt: dict) -> torch.Tensor:
 
 def score(args) -> None:
     ar, ar_ckpt = load_checkpoint(Path(args.examples) / "text-ar.pt")
-    checkpoints = {v: Path(args.examples) / f"text-{v}.pt" for v in ("mdlm", "fuji", "seq", "ar")}
+    models = dict.fromkeys([*(MODEL_OF_ROW[row] for row in args.rows), "ar"])
+    checkpoints = {m: Path(args.examples) / f"text-{m}.pt" for m in models}
     for variant, path in checkpoints.items():
         if load_checkpoint(path)[1]["tokenizer"]["json"] != ar_ckpt["tokenizer"]["json"]:
             raise SystemExit(f"{path} has another tokenizer than the AR evaluator; train both on one corpus and vocabulary")
@@ -245,7 +251,9 @@ def plot(results: dict, args) -> None:
     import matplotlib.pyplot as plt
 
     labels = {"mdlm": "MDLM", "fuji": "FUJI-LDDM", "seq": f"SEQ-LDDM (T_y = {args.seq_latent_steps})",
-              "seq_ty=T": "SEQ-LDDM (T_y = T)", "fuji_fresh_latent": "FUJI, latent = fresh noise",
+              "seq_ty=T": "SEQ-LDDM (T_y = T)",
+              "seq_prompt": f"SEQ-LDDM, prompt-aware latent denoiser (T_y = {args.seq_latent_steps})",
+              "fuji_fresh_latent": "FUJI, latent = fresh noise",
               "seq_fresh_latent": "SEQ, latent = fresh noise"}
     ref = results["reference"]
     for metric, ylabel, name, refs in (
@@ -283,6 +291,7 @@ def main() -> None:
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
     p.add_argument("--steps", default=",".join(map(str, STEPS)))
     p.add_argument("--ablation-steps", default="1,2,4,8")
+    p.add_argument("--seq-prompt-steps", default="1,2,4,16")
     p.add_argument("--seq-latent-steps", type=int, default=128)
     p.add_argument("--seeds", default="0,1,2,3,4")
     p.add_argument("--num", type=int, default=256, help="samples per seed")
@@ -296,6 +305,7 @@ def main() -> None:
         raise SystemExit(f"--rows {unknown} unknown; choose from {','.join(ROWS)}")
     args.steps = [int(s) for s in args.steps.split(",")]
     args.ablation_steps = [int(s) for s in args.ablation_steps.split(",")]
+    args.seq_prompt_steps = [int(s) for s in args.seq_prompt_steps.split(",")]
     args.seeds = [1000 * int(s) for s in args.seeds.split(",")]  # seed s + b per batch: keep seeds apart
     torch.set_num_threads(args.threads)
     Path(args.cache).mkdir(parents=True, exist_ok=True)
