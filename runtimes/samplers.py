@@ -289,13 +289,11 @@ class Sampler:
         return torch.full((batch,), t, dtype=torch.float32, device=self.device)
 
     def _token_chain(self, steps: int):
-        """The grid and the masking alphas on it, computed once per chain (host-side floats)."""
-        grid = time_grid(steps)
-        return grid, [self.mask_schedule.alpha(t) for t in grid]
+        """The grid and the masking alphas on it (host-side floats)."""
+        return time_grid(steps), self.mask_schedule.on_grid(steps)
 
     def _latent_chain(self, steps: int):
-        grid = time_grid(steps)
-        return grid, [self.latent_schedule.alpha_sigma(t) for t in grid]
+        return time_grid(steps), self.latent_schedule.on_grid(steps)
 
     def _token_step(self, x, log_probs, u, alphas, k):
         if self._compiled_draw is None:

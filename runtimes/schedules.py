@@ -9,10 +9,13 @@ last bit (cos, sqrt) agrees with the reference sampler and trajectories match to
     latent (VP):     sqrt:   alpha_bar^2 = (1 - 2e) sqrt(1 - t) + e
                      cosine: alpha_bar^2 = (1 - 2e) cos^2(pi t / 2) + e,   sigma_bar^2 = 1 - alpha_bar^2
 
-The time grid of a chain of T steps is t_k = 1 - k / T, k = 0..T (t_0 = 1 is pure noise).
+The time grid of a chain of T steps is t_k = 1 - k / T, k = 0..T (t_0 = 1 is pure noise). A
+schedule's values on a chain's grid (on_grid) are computed once per process: a few 0-d tensor
+ops per grid point are a sizeable share of a sampling call's own time at batch 1 (RESULTS.md).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -32,6 +35,10 @@ class MaskSchedule:
 
     def alpha(self, t: float) -> float:
         return float(1.0 - self.slope * _f64(t))
+
+    def on_grid(self, steps: int) -> tuple[float, ...]:
+        """alpha(t_k) at every t_k of time_grid(steps)."""
+        return _on_grid(MaskSchedule, self.kind, self.eps, steps)
 
 
 class LatentSchedule:
@@ -53,6 +60,10 @@ class LatentSchedule:
         a2 = self._alpha_bar_sq(_f64(t))
         return float(a2.sqrt()), float((1 - a2).sqrt())
 
+    def on_grid(self, steps: int) -> tuple[tuple[float, float], ...]:
+        """alpha_sigma(t_k) at every t_k of time_grid(steps)."""
+        return _on_grid(LatentSchedule, self.kind, self.eps, steps)
+
 
 def _f64(t: float) -> torch.Tensor:
     return torch.tensor(t, dtype=torch.float64)
@@ -61,6 +72,14 @@ def _f64(t: float) -> torch.Tensor:
 def time_grid(steps: int) -> list[float]:
     """t_k = 1 - k / T for k = 0..T (T + 1 Python floats, from 1.0 down to 0.0)."""
     return [1.0 - k / steps for k in range(steps + 1)]
+
+
+@functools.lru_cache(maxsize=256)
+def _on_grid(schedule_class, kind: str, eps: float, steps: int) -> tuple:
+    """A schedule's values on time_grid(steps) (MaskSchedule.alpha, LatentSchedule.alpha_sigma), cached."""
+    schedule = schedule_class(kind, eps)
+    value = schedule.alpha if schedule_class is MaskSchedule else schedule.alpha_sigma
+    return tuple(value(t) for t in time_grid(steps))
 
 
 def latent_steps_for(variant: str, token_steps: int, latent_steps: int | None = None) -> int | None:
