@@ -43,10 +43,10 @@ from runtimes.trajectory import Samples, Step
 # 1e-6 (its entropy in nats times float32's 6e-8 per element), far inside 1e-3.
 ROW_MARGIN = 1e-3
 
-# The CPU draw's block (draw_block_rows): the five passes over a block of the CDF (cast, exp,
-# scale, cumsum, search) stay in a core's L2 cache instead of each streaming [N, V] float64
-# through memory, and the buffer is allocated once per draw: on one thread 1024 rows of
-# V = 32768 take 72 ms in 1 MiB blocks instead of 480 ms unblocked (RESULTS.md, "Sparse head").
+# The CPU draw's block (draw_block_rows): the passes over a block of the CDF (cast, exp, scale,
+# cumsum, search) stay in a core's L2 cache instead of each streaming [N, V] float64 through
+# memory, and its buffer is allocated once per draw: on one thread 1024 rows of V = 32768 take
+# 72 ms in 1 MiB blocks instead of 480 ms as four fresh [N, V] tensors.
 DRAW_BLOCK_BYTES = 1 << 20
 
 
@@ -83,8 +83,8 @@ def token_step(x_t: torch.Tensor, log_probs: torch.Tensor, u: torch.Tensor, alph
 
 
 def draw_block_rows(log_probs: torch.Tensor, float64: bool = True) -> int | None:
-    """How many rows of the CDF bridge_draw computes at a time: on the CPU as many as fill
-    DRAW_BLOCK_BYTES, elsewhere (one kernel per pass is what counts there) all of them (None)."""
+    """How many rows bridge_tokens draws at a time: on the CPU as many as fill DRAW_BLOCK_BYTES
+    of the CDF, elsewhere (one kernel per pass is what counts there) all of them (None)."""
     if log_probs.device.type != "cpu":
         return None
     return max(1, DRAW_BLOCK_BYTES // (log_probs.shape[-1] * (8 if float64 else 4)))
@@ -95,33 +95,44 @@ def bridge_draw(x_t: torch.Tensor, log_probs: torch.Tensor, u: torch.Tensor, unm
     """token_step with the bridge's two weights given directly: unmask_weight = alpha_s - alpha_t
     (to token v, times p(v)), stay_weight = 1 - alpha_s (stay masked). Python floats, or 0-d
     float64 tensors on the device: the form torch.compile takes without recompiling every step.
+    block_rows: as for bridge_tokens.
+    """
+    x_new = bridge_tokens(log_probs.reshape(-1, log_probs.shape[-1]), u.reshape(-1), unmask_weight, stay_weight,
+                          mask_id, float64, block_rows)
+    return torch.where(x_t == mask_id, x_new.view_as(x_t), x_t)
 
-    The rows (positions) are drawn block_rows at a time (None: all at once) in one reused CDF
-    buffer; each row's arithmetic is the contract's, in its order, whatever the blocks.
+
+def bridge_tokens(log_probs: torch.Tensor, u: torch.Tensor, unmask_weight, stay_weight, mask_id: int,
+                  float64: bool = True, block_rows: int | None = None) -> torch.Tensor:
+    """The bridge's draw at N positions as if each were masked (no carry-over).
+
+    Args:
+        log_probs: float32 [N, V]; u: uniforms [N]; the rest as for bridge_draw.
+        block_rows: rows drawn at a time (None: all at once). Blocks go through one reused
+            CDF buffer; each row's arithmetic is the contract's, in its order, whatever the blocks.
+    Returns:
+        int64 [N] tokens (the mask_id where a position stays masked).
     """
     dtype = torch.float64 if float64 else torch.float32
-    V = log_probs.shape[-1]
-    rows, uniforms = log_probs.reshape(-1, V), u.reshape(-1)
-    n = rows.shape[0]
-    block = block_rows or max(n, 1)
-    cdf_buffer = torch.empty((min(n, block), V), dtype=dtype, device=rows.device)
-    x_new = torch.empty((n, 1), dtype=torch.int64, device=rows.device)
-    for start in range(0, n, block):
-        stop = min(n, start + block)
-        cdf = bridge_cdf(cdf_buffer[:stop - start], rows[start:stop], unmask_weight, stay_weight, mask_id)
-        # Dividing by 1 - alpha_t normalises the CDF; it is folded into the scaled uniform instead.
-        target = (uniforms[start:stop].to(dtype) * cdf[:, -1]).unsqueeze(-1)
-        torch.searchsorted(cdf, target, out=x_new[start:stop])
-    return torch.where(x_t == mask_id, x_new.clamp_max_(V - 1).view_as(x_t), x_t)
+    if block_rows is None or log_probs.shape[0] <= block_rows:
+        return draw_rows(log_probs, u, unmask_weight, stay_weight, mask_id, dtype)
+    cdf_buffer = torch.empty((block_rows, log_probs.shape[1]), dtype=dtype, device=log_probs.device)
+    return torch.cat([draw_rows(rows, uniforms, unmask_weight, stay_weight, mask_id, dtype, cdf_buffer[:len(rows)])
+                      for rows, uniforms in zip(log_probs.split(block_rows), u.split(block_rows))])
 
 
-def bridge_cdf(out: torch.Tensor, log_probs: torch.Tensor, unmask_weight, stay_weight, mask_id: int) -> torch.Tensor:
-    """The bridge's unnormalised CDF over [n, V] rows of log-probs, written into `out` (float64
-    or float32 [n, V]) and returned: cumsum(exp(log_probs) * unmask_weight, with the mask column
-    set to stay_weight), the operations of docs/contracts.md in place, one buffer for all."""
-    out.copy_(log_probs).exp_().mul_(unmask_weight)
-    out[:, mask_id] = stay_weight
-    return out.cumsum_(-1)
+def draw_rows(log_probs: torch.Tensor, u: torch.Tensor, unmask_weight, stay_weight, mask_id: int,
+              dtype: torch.dtype, cdf: torch.Tensor | None = None) -> torch.Tensor:
+    """The contract's draw on rows [n, V] of log_probs with uniforms u [n], computed in `cdf`
+    ([n, V] of dtype) or in a new tensor (None): int64 [n] tokens."""
+    # Every pass in place on one tensor, a copy (the caller's log_probs stay as they are).
+    cdf = log_probs.to(dtype, copy=True) if cdf is None else cdf.copy_(log_probs)
+    cdf.exp_().mul_(unmask_weight)
+    cdf.select(1, mask_id).fill_(stay_weight)
+    cdf.cumsum_(1)
+    # Dividing by 1 - alpha_t normalises the CDF; it is folded into the scaled uniform instead.
+    target = u.unsqueeze(1).to(dtype) * cdf[:, -1:]
+    return torch.searchsorted(cdf, target).clamp_max_(log_probs.shape[1] - 1).squeeze(1)
 
 
 def unmasking_rows(x_t: torch.Tensor, u: torch.Tensor, alpha_t: float, alpha_s: float, mask_id: int) -> torch.Tensor:
@@ -148,14 +159,16 @@ def sparse_token_step(x_t: torch.Tensor, rows: torch.Tensor, row_log_probs: torc
     other position carried over (a masked one stays masked).
 
     Args:
-        x_t: int64 [B, L]; rows: int64 [N] flat indices; row_log_probs: float32 [N, V], the
-            head at those rows; u: uniforms [B, L]; the rest as for token_step.
+        x_t: int64 [B, L]; rows: int64 [N] flat indices of masked positions (unmasking_rows);
+            row_log_probs: float32 [N, V], the head at those rows; u: uniforms [B, L]; the rest
+            as for token_step.
     Returns:
         int64 [B, L] tokens at time s (a new tensor).
     """
-    x = x_t.flatten().clone()
-    x[rows] = token_step(x[rows], row_log_probs, u.flatten()[rows], alpha_t, alpha_s, mask_id, float64)
-    return x.view_as(x_t)
+    # The rows are masked positions, so each one's token is the draw (nothing to carry over).
+    drawn = bridge_tokens(row_log_probs, u.take(rows), alpha_s - alpha_t, 1 - alpha_s, mask_id, float64,
+                          draw_block_rows(row_log_probs, float64))
+    return x_t.put(rows, drawn)
 
 
 def ddim_step(y_t: torch.Tensor, y0_hat: torch.Tensor, alpha_sigma_t: tuple[float, float],
