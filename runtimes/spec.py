@@ -133,7 +133,8 @@ def dynamic_profile(spec: GraphSpec, batch_profile: dict, L: int) -> dict:
     return {"min": 1, "opt": max(1, batch_profile["opt"] * L // HEAD_OPT_STEPS), "max": batch_profile["max"] * L}
 
 
-def graph_specs(variant: str, L: int, P: int, D: int, V: int, W: int, prompt_latent: bool = False) -> dict[str, GraphSpec]:
+def graph_specs(variant: str, L: int, P: int, D: int, V: int, W: int,
+                prompt_latent: bool = False) -> dict[str, GraphSpec]:
     """The docs/design.md graph table for one variant and its fixed sizes (W: the token network's width).
     prompt_latent: SEQ's latent denoiser also takes the clamped tokens (config.prompt_latent)."""
     if variant not in GRAPHS_BY_VARIANT:
