@@ -142,12 +142,20 @@ def test_failure_mid_build_leaves_the_previous_bundle(bundle, ckpt, monkeypatch,
     assert leftovers(bundle.parent, bundle.name) == []
 
 
+def _sigint_as_in_a_terminal() -> None:
+    """A Ctrl-C'able child even where this test runs with SIGINT ignored (a background job of a
+    non-interactive shell: `cmd &` ignores SIGINT, the child inherits it, and CPython then installs
+    no KeyboardInterrupt handler)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_sigint_mid_build_leaves_the_previous_bundle(bundle, ckpt):
     before = snapshot(bundle)
     process = subprocess.Popen(
         [sys.executable, "-m", "lddm_export.cli", "build", "--ckpt", str(ckpt), "--out", str(bundle),
          "--engines", "off", "--force"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        cwd=Path(__file__).resolve().parents[2], env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        cwd=Path(__file__).resolve().parents[2], env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        preexec_fn=_sigint_as_in_a_terminal)
     try:
         deadline = time.monotonic() + 120
         while not leftovers(bundle.parent, bundle.name):  # the temporary bundle exists: export has begun
