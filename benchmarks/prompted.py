@@ -133,12 +133,12 @@ def main() -> None:
     reference = {"heldout_continuation_ppl": ar_perplexity(ar, blocks, scored=known["continuation"] == FREE)}
     path = Path(args.results) / "prompted.json"
     earlier = json.loads(path.read_text()) if path.is_file() else {"commands": [], "rows": [], "latent_mse_at_t1": {}}
-    kept = [r for r in earlier["rows"] if r.get("model", r["variant"].split()[0]) not in variants]
+    kept = [r for r in earlier["rows"] if r["model"] not in variants]
     path.parent.mkdir(parents=True, exist_ok=True)
     command = {"command": " ".join(["python", "benchmarks/prompted.py", *sys.argv[1:]]),
                "seconds": time.perf_counter() - started, "variants": variants}
-    rows = sorted(kept + rows, key=lambda r: list(CHECKPOINTS).index(r.get("model", r["variant"].split()[0])))
-    fits = {**{k: v for k, v in earlier.get("latent_mse_at_t1", {}).items() if k not in variants}, **fits}
+    rows = sorted(kept + rows, key=lambda r: list(CHECKPOINTS).index(r["model"]))
+    fits = {**{k: v for k, v in earlier["latent_mse_at_t1"].items() if k not in variants}, **fits}
     write_json(path, {"commands": earlier["commands"] + [command], "reference": reference, "rows": rows,
                       "latent_mse_at_t1": fits}, "the benchmark results")
     report(path)
