@@ -11,6 +11,7 @@ import torch
 
 from runtimes.base import Runner
 from runtimes.noise import draw_noise, latent_shape
+from runtimes.options import steps_per_call
 from runtimes.progress import progress
 from runtimes.prompts import FREE
 from runtimes.samplers import Sampler
@@ -76,7 +77,7 @@ def record_feeds(sampler: Sampler, seeds: list[int], batch: int, token_steps: in
     shapes = sampler.shapes
     samples = []
     calls = len(HEADS) + sampler.prompt_latent
-    steps = len(seeds) * calls * (token_steps + (latent_steps or 0))
+    steps = len(seeds) * calls * steps_per_call(token_steps, latent_steps)
     with progress(steps, "calibrate: sampling trajectories") as bar:
         for seed in seeds:
             noise = draw_noise(seed, batch, token_steps, shapes["L"], latent_shape(sampler.variant, shapes))

@@ -25,7 +25,7 @@ from runtimes.backends import make_runners
 from runtimes.backends.torch_runner import checkpoint_path
 from runtimes.errors import LddmError
 from runtimes.noise import draw_noise, latent_shape
-from runtimes.options import check_job
+from runtimes.options import check_job, steps_per_call
 from runtimes.progress import progress
 from runtimes.samplers import Sampler, sampler_graphs
 from runtimes.schedules import latent_steps_for
@@ -110,7 +110,7 @@ def bench_bundle(bundle, backend: str, precision: str, device: str, batches: lis
         torch.set_num_threads(threads)
     variant, shapes = bundle.variant, bundle.shapes
     latent_steps = latent_steps_for(variant, steps, latent_steps)
-    n_steps = steps + (latent_steps or 0)
+    n_steps = steps_per_call(steps, latent_steps)
     max_batch = bundle.manifest["batch_profile"]["max"]
     if max(batches) > max_batch:
         raise LddmError(f"--batch {max(batches)} is above the bundle's batch profile maximum {max_batch}; "

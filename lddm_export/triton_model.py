@@ -13,6 +13,7 @@ The bundle's manifest lies beside this file (manifest.json) and is validated at 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -71,7 +72,7 @@ class TritonPythonModel:
             runners[graph] = BlsRunner(spec, settings["graph_model_prefix"] + graph, device, max_batch * rows).activate()
         mask, latent = from_manifest(manifest["schedule"])
         sampler = Sampler(variant, runners, shapes, mask, latent, head="sparse")
-        limits = Limits(*(int(settings[key]) for key in ("max_samples", "max_steps", "max_latent_candidates")))
+        limits = Limits(**{field.name: int(settings[field.name]) for field in dataclasses.fields(Limits)})
         self.handler = RequestHandler(sampler, manifest, limits, max_batch)
 
     def execute(self, requests):

@@ -23,6 +23,7 @@ renamed into place: an interrupted run leaves nothing.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -79,8 +80,7 @@ def sampler_config(name: str, manifest: dict, limits: Limits, max_requests: int,
         add_tensor(mc, config.output, output_name, "bytes" if dtype.__name__ == "bytes_" else "int64", dims)
     config.dynamic_batching.max_queue_delay_microseconds = queue_delay_us
     config.instance_group.add(count=instances, kind=_kind(mc, kind))
-    for key, value in (("graph_model_prefix", graph_prefix), ("max_samples", limits.max_samples),
-                       ("max_steps", limits.max_steps), ("max_latent_candidates", limits.max_latent_candidates)):
+    for key, value in (("graph_model_prefix", graph_prefix), *dataclasses.asdict(limits).items()):
         config.parameters[key].string_value = str(value)
     return config
 

@@ -51,6 +51,7 @@ from runtimes.compare import measure
 from runtimes.errors import BundleError, ToleranceExceeded
 from runtimes.fileio import sha256_file, write_json
 from runtimes.noise import draw_noise, latent_shape
+from runtimes.options import steps_per_call
 from runtimes.progress import progress
 from runtimes.prompts import FREE
 from runtimes.samplers import Sampler, sample_batches, sampler_graphs
@@ -254,7 +255,7 @@ def _samples(bundle: Bundle, ckpt: Path, backend: str, precision: str, head: str
     sampler = _sampler(bundle, ckpt, backend, precision, options.device, head)
     latent_steps = latent_steps_for(bundle.variant, options.steps, options.latent_steps)
     batches = -(-options.distribution_samples // options.batch_size)
-    with progress(batches * (options.steps + (latent_steps or 0)), f"verify: sampling ({backend} {precision})") as bar:
+    with progress(batches * steps_per_call(options.steps, latent_steps), f"verify: sampling ({backend} {precision})") as bar:
         return sample_batches(sampler, options.seed, options.distribution_samples, options.steps, latent_steps,
                               options.batch_size, callback=lambda b, step: bar.update(1)).tokens
 

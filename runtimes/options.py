@@ -3,6 +3,7 @@
     check_int("--steps", value, 1, MAX_STEPS)       an int in [low, high], or one sentence
     parse_int_list("--batch", "1,8,64", 1, MAX_BATCH, ...)
     check_job(num, batch, steps, latent_steps, shapes)   memory and length, before any work
+    steps_per_call(steps, latent_steps, latent_candidates)   the steps one sampling call makes
 
 lddm-export (click) and lddm-train (argparse) both call these, so the same input gets the same
 sentence from either tool, and so does training/sampling.py for its arguments. Pure Python
@@ -85,17 +86,25 @@ def parse_int_list(name: str, text: str, low: int, high: int, expected: str) -> 
     return values
 
 
-def check_job(num: int, batch: int, steps: int, latent_steps: int | None, shapes: dict) -> None:
+def steps_per_call(steps: int, latent_steps: int | None, latent_candidates: int = 1) -> int:
+    """The steps one sampling call reports (and the graph calls it makes at most): T_x token
+    steps after SEQ's C x T_y latent steps (runtimes.samplers.Sampler.steps)."""
+    return steps + latent_candidates * (latent_steps or 0)
+
+
+def check_job(num: int, batch: int, steps: int, latent_steps: int | None, shapes: dict,
+              latent_candidates: int = 1) -> None:
     """Refuse a sampling job whose memory or length is absurd, before anything is allocated.
 
     Args:
         num: K samples; batch: B samples per call; steps: T_x; latent_steps: T_y or None.
         shapes: the bundle's {"L", "P", "D", ...}.
+        latent_candidates: C, SEQ's latent chains per sample (runtimes.noise).
     Raises:
         OptionError: one sentence with the estimate, the limit and the options to lower.
     """
     L, P, D = shapes["L"], shapes.get("P", 0), shapes.get("D", 0)
-    noise = 8 * steps * batch * L + 4 * batch * P * D
+    noise = 8 * steps * batch * L + 4 * latent_candidates * batch * P * D
     if noise > MAX_NOISE_BYTES:
         raise OptionError(f"one sampling call of batch {batch} x {steps} steps x {L} tokens needs "
                           f"{noise / 2**30:.1f} GiB of noise (float64 [T, B, L]), above the limit of "
@@ -104,8 +113,9 @@ def check_job(num: int, batch: int, steps: int, latent_steps: int | None, shapes
     if result > MAX_RESULT_BYTES:
         raise OptionError(f"{num} samples of {L} tokens take {result / 2**30:.1f} GiB in memory, above the limit "
                           f"of {MAX_RESULT_BYTES / 2**30:.0f} GiB; lower --num and run again with another --seed")
-    calls = -(-num // batch) * (steps + (latent_steps or 0))
+    per_call = steps_per_call(steps, latent_steps, latent_candidates)
+    calls = -(-num // batch) * per_call
     if calls > MAX_GRAPH_CALLS:
-        raise OptionError(f"{num} samples in batches of {batch} with {steps + (latent_steps or 0)} steps each "
+        raise OptionError(f"{num} samples in batches of {batch} with {per_call} steps each "
                           f"take {calls:,} graph calls, above the limit of {MAX_GRAPH_CALLS:,}; lower --steps "
                           f"or --num, or raise --batch-size")

@@ -131,7 +131,7 @@ def parse_request(fields: dict, limits: Limits, variant: str, shapes: dict, enco
     if candidates > 1 and known is None:
         raise RequestError("latent_candidates keeps the latent that best explains the prompt; send a prompt or "
                            "template, or 0 candidates")
-    check_job(num, num, steps, latent_steps and candidates * latent_steps, shapes)
+    check_job(num, num, steps, latent_steps, shapes, candidates)
     return SampleRequest(seed, num, steps, latent_steps, text, known, candidates)
 
 

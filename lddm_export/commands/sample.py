@@ -29,7 +29,7 @@ from lddm_export.commands.numbers import Int
 from runtimes.errors import LddmError, ShapeMismatch
 from runtimes.fileio import check_input_file, check_target, write_atomic
 from runtimes.options import (MAX_BATCH, MAX_LATENT_CANDIDATES, MAX_SAMPLES, MAX_SEED, MAX_STEPS, MAX_THREADS,
-                              check_job)
+                              check_job, steps_per_call)
 from runtimes.spec import HEADS
 
 SUFFIXES = (".npy", ".jsonl")
@@ -154,7 +154,7 @@ def command(bundle_dir, backend, precision, device, steps, latent_steps, num, ba
     if batch_size > max_batch:
         raise ShapeMismatch(f"--batch-size {batch_size} is above the bundle's batch profile maximum {max_batch}; "
                             f"use --batch-size <= {max_batch} or rebuild with a larger --batch MIN,OPT,MAX")
-    check_job(num, batch_size, steps, latent_steps and latent_candidates * latent_steps, bundle.shapes)
+    check_job(num, batch_size, steps, latent_steps, bundle.shapes, latent_candidates)
     decoder = TextDecoder(bundle.manifest["tokenizer"])
     runners = make_runners(bundle, backend, precision, device, ckpt=ckpt,
                            graphs=list(sampler_graphs(bundle.variant, head)), cuda_graph=cuda_graph, threads=threads,
@@ -164,7 +164,8 @@ def command(bundle_dir, backend, precision, device, steps, latent_steps, num, ba
     sampler = Sampler.from_bundle(bundle, runners, float64_draws=not float32_draws, head=head, cache=cache,
                                   compile=compile_)
     n_batches = -(-num // batch_size)
-    with progress(n_batches * (steps + latent_candidates * (latent_steps or 0)), f"sample {bundle.variant} ({backend})") as bar:
+    with progress(n_batches * steps_per_call(steps, latent_steps, latent_candidates),
+                  f"sample {bundle.variant} ({backend})") as bar:
         result = sample_batches(sampler, seed, num, steps, latent_steps, batch_size,
                                 callback=lambda b, step: bar.update(1), known=known, latent_candidates=latent_candidates)
     for runner in runners.values():
