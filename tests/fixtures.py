@@ -108,6 +108,11 @@ def build_tiny_bundle(out: Path, ckpt: Path) -> Path:
     return build_bundle(ckpt, out, options, log=lambda line: None)
 
 
+def _tag(overrides: dict) -> str:
+    """The part of a cached file's name that tells config overrides apart ("-prompt_latent")."""
+    return "".join(f"-{key}" for key in sorted(overrides))
+
+
 def cached_tiny_bundle(cache_dir: Path, variant: str, seed: int = 0, text: bool = False, **overrides) -> Path:
     """A tiny bundle of `variant` (checkpoint inside it as model.pt), built once per model source;
     `overrides` change config fields of the tiny model (e.g. prompt_latent=True).
@@ -117,7 +122,7 @@ def cached_tiny_bundle(cache_dir: Path, variant: str, seed: int = 0, text: bool 
     key = hashlib.sha256(f"{variant}-{seed}-{text}-{sorted(TINY.items())}-{sorted(overrides.items())}".encode()
                          + b"".join(source.read_bytes() for source in [*BUILD_SOURCES, Path(__file__)])
                          ).hexdigest()[:16]
-    prefix = f"{variant}{'-text' if text else ''}{''.join(f'-{k}' for k in sorted(overrides))}-seed{seed}-"
+    prefix = f"{variant}{'-text' if text else ''}{_tag(overrides)}-seed{seed}-"
     root = Path(cache_dir) / f"{prefix}{key}"
     if not (root / "manifest.json").is_file():
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
@@ -175,7 +180,7 @@ def cached_full_bundle(cache_dir: Path, variant: str, **overrides) -> tuple[Path
     """(bundle, checkpoint): the default build (FP32 and calibrated mixed FP16, no engines) of the
     tiny `variant` checkpoint (`overrides`: config fields), built once per cache for every test
     that only reads it."""
-    ckpt = Path(cache_dir) / "full" / f"tiny-{variant}{''.join(f'-{k}' for k in sorted(overrides))}.pt"
+    ckpt = Path(cache_dir) / "full" / f"tiny-{variant}{_tag(overrides)}.pt"
     if not ckpt.is_file():
         ckpt.parent.mkdir(parents=True, exist_ok=True)
         tiny_checkpoint(ckpt, variant, **overrides)

@@ -46,18 +46,17 @@ def test_clamped_tokens_never_change_and_every_form_samples_alike(bundle, backen
     noise = draw_noise(4, B, T, bundle.shapes["L"], latent_shape(bundle.variant, bundle.shapes))
     latent_steps = 3 if bundle.variant == "seq" else None
     model = load_checkpoint(bundle.manifest["checkpoint"]["path"])[0]
-    reference = sampling.sample_call(model, noise, latent_steps, known=known).tokens
-    assert torch.equal(reference[clamped], known[clamped])
+    reference = sampling.sample_call(model, noise, latent_steps, known=known)
+    assert torch.equal(reference.tokens[clamped], known[clamped])
     for head in ("sparse", "dense"):
         steps = list(Sampler.from_bundle(bundle, runners, head=head).steps(noise, latent_steps, known))
         assert all(torch.equal(step.x[clamped], known[clamped]) for step in steps)   # from t = 1 on
-        assert torch.equal(steps[-1].x, reference)
+        assert torch.equal(steps[-1].x, reference.tokens)
     unprompted = sampling.sample_call(model, noise, latent_steps)
     assert not torch.equal(unprompted.tokens[clamped], known[clamped])   # the clamp did something
     if model.cfg.prompt_latent:   # the latent chain read the prompt (and the runtime's alike)
-        latent = sampling.sample_call(model, noise, latent_steps, known=known).latent
-        assert not torch.allclose(latent, unprompted.latent, atol=1e-3)
-        assert torch.allclose(steps[-1].y, latent, atol=1e-5)
+        assert not torch.allclose(reference.latent, unprompted.latent, atol=1e-3)
+        assert torch.allclose(steps[-1].y, reference.latent, atol=1e-5)
 
 
 def test_start_tokens_checks_what_it_is_given():
