@@ -7,7 +7,9 @@ unmask in a step, and skips the head (MDLM and SEQ's token chain: the whole forw
 does. For every model, batch B in --batches and token steps T in --steps, one sampling call is
 timed with each head on the same noise (median of --repeat alternating calls after a warm-up of
 each), and the tokens of the two calls are compared. Also measured, for the sparse sampler: the
-time outside the graphs over the time inside them (one instrumented call; target <= 10%).
+time outside the graphs over the time inside them (target <= 10%; lddm_export.bench.sampler_overhead,
+the median of 3 instrumented calls), with the contract's float64 draws and with float32 draws
+(`--float32-draws`).
 
 Models:
 - the text examples (examples/text-{mdlm,fuji,seq}.pt; V = 1024, width 128, 4 blocks, L = 128);
@@ -71,16 +73,19 @@ def bench_model(bundle: Bundle, name: str, args) -> list[dict]:
             t_dense, t_sparse = paired_median_seconds(lambda: samplers["dense"].sample(noise, latent_steps),
                                                       lambda: samplers["sparse"].sample(noise, latent_steps),
                                                       args.repeat)
-            overhead = sampler_overhead(bundle, {g: runners[g] for g in sampler_graphs(variant, "sparse")}, noise,
-                                        latent_steps, lambda: None, compile=False, head="sparse")
+            sparse_runners = {g: runners[g] for g in sampler_graphs(variant, "sparse")}
+            overhead, overhead_f32 = (sampler_overhead(bundle, sparse_runners, noise, latent_steps, lambda: None,
+                                                       head="sparse", float64_draws=f64) for f64 in (True, False))
             row = {"model": name, "variant": variant, "V": shapes["V"], "W": shapes["W"], "batch": batch,
                    "steps": steps, "dense_ms": 1e3 * t_dense, "sparse_ms": 1e3 * t_sparse,
                    "dense_samples_per_s": batch / t_dense, "sparse_samples_per_s": batch / t_sparse,
                    "speedup": t_dense / t_sparse, "sparse_sampler_overhead": overhead,
+                   "sparse_sampler_overhead_float32_draws": overhead_f32,
                    "tokens_differing": int((tokens["dense"] != tokens["sparse"]).sum())}
             rows.append(row)
             print(f"{name:10s} B={batch:3d} T={steps:3d}: dense {row['dense_ms']:9.1f} ms, sparse "
-                  f"{row['sparse_ms']:9.1f} ms ({row['speedup']:.2f}x), overhead {100 * overhead:.1f}%, "
+                  f"{row['sparse_ms']:9.1f} ms ({row['speedup']:.2f}x), overhead {100 * overhead:.1f}% "
+                  f"({100 * overhead_f32:.1f}% with float32 draws), "
                   f"tokens differing {row['tokens_differing']}", flush=True)
     for runner in runners.values():
         runner.deactivate()
@@ -89,11 +94,13 @@ def bench_model(bundle: Bundle, name: str, args) -> list[dict]:
 
 def markdown(rows: list[dict]) -> str:
     lines = ["| model | B | T | dense ms/call | sparse ms/call | dense samples/s | sparse samples/s | speedup | "
-             "sparse: time outside graphs | tokens differing |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "sparse: time outside graphs | (float32 draws) | tokens differing |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['batch']} | {r['steps']} | {r['dense_ms']:.1f} | {r['sparse_ms']:.1f} | "
                      f"{r['dense_samples_per_s']:.2f} | {r['sparse_samples_per_s']:.2f} | {r['speedup']:.2f}x | "
-                     f"{100 * r['sparse_sampler_overhead']:.1f}% | {r['tokens_differing']} |")
+                     f"{100 * r['sparse_sampler_overhead']:.1f}% | "
+                     f"{100 * r['sparse_sampler_overhead_float32_draws']:.1f}% | {r['tokens_differing']} |")
     return "\n".join(lines)
 
 

@@ -9,8 +9,9 @@ noise. Each side gets one warm-up call, then the two are called alternately `rep
 (so both see the same machine load) and the medians are reported:
     ms/step   = call time / (T_x + T_y)
     samples/s = B / call time
-    sampler overhead = (call time - time inside the graphs) / time inside the graphs, from one
-                       more runtime call with every infer() timed (and synchronised on a GPU)
+    sampler overhead = (call time - time inside the graphs) / time inside the graphs, the median
+                       of OVERHEAD_CALLS more runtime calls with every infer() timed (and
+                       synchronised on a GPU)
 The torch threads and the onnxruntime intra-op threads are both set to `threads`, so the
 comparison is fair on a shared CPU.
 """
@@ -31,6 +32,10 @@ from runtimes.samplers import Sampler, sampler_graphs
 from runtimes.schedules import latent_steps_for
 from training import sampling
 from training.checkpoint import load_checkpoint, load_reference_graphs
+
+# Instrumented calls per sampler-overhead figure: one call's share of time outside the graphs
+# varies by a few points on a shared machine, so the median of several is reported.
+OVERHEAD_CALLS = 3
 
 
 def paired_median_seconds(fn_a, fn_b, repeat: int, after_call=lambda: None) -> tuple[float, float]:
@@ -73,15 +78,24 @@ def reference_sampler(bundle, ckpt, device: str, latent_steps: int | None):
     return lambda noise: sampling.sample_call(model, noise, latent_steps)
 
 
-def sampler_overhead(bundle, runners: dict, noise, latent_steps: int | None, sync,
-                     compile: bool, head: str = "sparse") -> float:
-    """(call time - time inside the graphs) / time inside the graphs, of one instrumented call."""
+def sampler_overhead(bundle, runners: dict, noise, latent_steps: int | None, sync, calls: int = OVERHEAD_CALLS,
+                     after_call=lambda: None, **options) -> float:
+    """(call time - time inside the graphs) / time inside the graphs: the median over `calls`
+    instrumented calls of one sampler with `options` (Sampler's), built before the clock starts.
+    after_call() runs after every call, outside the timing."""
     timed = {name: TimedRunner(runner, sync) for name, runner in runners.items()}
-    start = time.perf_counter()
-    Sampler.from_bundle(bundle, timed, head=head, compile=compile).sample(noise, latent_steps)
-    sync()
-    t_total, t_graphs = time.perf_counter() - start, sum(r.seconds for r in timed.values())
-    return (t_total - t_graphs) / t_graphs
+    sampler = Sampler.from_bundle(bundle, timed, **options)
+    ratios = []
+    for _ in range(calls):
+        for runner in timed.values():
+            runner.seconds = 0.0
+        start = time.perf_counter()
+        sampler.sample(noise, latent_steps)
+        sync()
+        t_total, t_graphs = time.perf_counter() - start, sum(r.seconds for r in timed.values())
+        ratios.append((t_total - t_graphs) / t_graphs)
+        after_call()
+    return statistics.median(ratios)
 
 
 def bench_bundle(bundle, backend: str, precision: str, device: str, batches: list[int], steps: int,
@@ -104,7 +118,7 @@ def bench_bundle(bundle, backend: str, precision: str, device: str, batches: lis
         one row per batch: {"variant", "backend", "precision", "device", "batch", "steps",
         "head", "runtime_ms_per_step", "runtime_samples_per_s", "reference_ms_per_step",
         "reference_samples_per_s", "speedup", "sampler_overhead"}; sampler_overhead is the
-        time outside the graphs over the time inside them, from one more (instrumented) call.
+        time outside the graphs over the time inside them (sampler_overhead).
     """
     if threads is not None:
         torch.set_num_threads(threads)
@@ -124,7 +138,7 @@ def bench_bundle(bundle, backend: str, precision: str, device: str, batches: lis
     sampler = Sampler.from_bundle(bundle, runners, head=head, compile=compile)
     reference = reference_sampler(bundle, ckpt, device, latent_steps)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    calls_per_batch = 2 * (1 + repeat) + 1  # warm-ups, timed pairs, the instrumented call
+    calls_per_batch = 2 * (1 + repeat) + OVERHEAD_CALLS  # warm-ups, timed pairs, the instrumented calls
     rows = []
     with progress(len(batches) * calls_per_batch, f"bench {variant} ({backend} {precision})", unit="call",
                   enabled=show_progress) as bar:
@@ -141,8 +155,8 @@ def bench_bundle(bundle, backend: str, precision: str, device: str, batches: lis
 
             t_runtime, t_reference = paired_median_seconds(run_runtime, run_reference, repeat,
                                                            after_call=lambda: bar.update(1))
-            overhead = sampler_overhead(bundle, runners, noise, latent_steps, sync, compile, head)
-            bar.update(1)
+            overhead = sampler_overhead(bundle, runners, noise, latent_steps, sync, after_call=lambda: bar.update(1),
+                                        head=head, compile=compile)
             rows.append({"variant": variant, "backend": backend, "precision": precision, "device": device, "head": head,
                          "batch": batch, "steps": n_steps,
                          "runtime_ms_per_step": 1e3 * t_runtime / n_steps, "runtime_samples_per_s": batch / t_runtime,

@@ -143,8 +143,8 @@ def test_bench_prints_a_table_and_writes_json(capsys, tmp_path, seq_bundle):
                  "--threads", "1", "--json", str(out)]
     main(main_args)
     table, err = capsys.readouterr()
-    # progress until the table: 2 batches x (2 warm-ups + 2 timed + 1 instrumented) calls
-    assert err.splitlines()[-1].startswith("bench seq (ort fp32): 10/10 calls (100%), ")
+    # progress until the table: 2 batches x (2 warm-ups + 2 timed + 3 instrumented) calls
+    assert err.splitlines()[-1].startswith("bench seq (ort fp32): 14/14 calls (100%), ")
     rows = json.loads(out.read_text())
     assert [r["batch"] for r in rows] == [1, 2] and all(r["steps"] == 4 for r in rows)  # seq: 2 latent + 2 token
     assert all(r["runtime_ms_per_step"] > 0 and r["reference_ms_per_step"] > 0 for r in rows)
