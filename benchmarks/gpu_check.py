@@ -16,11 +16,18 @@ section; a table is printed last):
    same precision at B = 1; overhead <= 10%.
 2. parity: on the shipped tiny examples (examples/sawtooth-*.pt), the runtime sampler on
    CUDA in every mode vs the CPU reference sampler, same draws: token agreement.
-3. host_copies: the sampling loop on CUDA (the last graphed mode, B = max --batches) is run
-   under torch.cuda.set_sync_debug_mode("error") (any synchronising op, .item() or a copy to
-   the host, raises) and under the profiler, counting device-to-host memcpy events; both
-   must be zero inside the loop.
-Order: the B = 1 speed rows, parity, host copies, then the larger batches; a section that
+3. host_copies: the sampling loop on CUDA (dense head, the last graphed mode, B = max --batches)
+   is run under torch.cuda.set_sync_debug_mode("error") (any synchronising op, .item() or a copy
+   to the host, raises) and under the profiler, counting device-to-host memcpy events; both
+   must be zero inside the loop. (The sparse head reads each step's row count back: one sync
+   per token step, by design.)
+4. sparse: issue 13's comparison on the GPU, dense vs sparse head (docs/design.md, "The sparse
+   head") for each --sparse-models entry (the edge-shaped MDLM of benchmarks/sparse_head.py, V =
+   32768, width 256, 4 blocks, random weights; the shipped text examples) at each --sparse-batches
+   size and --sparse-steps count, in each --sparse-modes entry: ms per call, samples/s, tokens
+   differing between the heads, and the sparse sampler's time outside the graphs. With CUDA
+   graphs the sampler pads the head's rows to a power of two, so a few captured graphs replay.
+Order: the B = 1 speed rows, parity, host copies, sparse, then the larger batches; a section that
 would start after --budget-s seconds is skipped and recorded as skipped, so a time-limited
 GPU session still returns the most important numbers.
 FP32 means TF32 off (torch's default), the reference's precision.
@@ -42,6 +49,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.sparse_head import EDGE, edge_checkpoint  # noqa: E402
+from lddm_export.bench import sampler_overhead  # noqa: E402
 from lddm_export.manifest import new_manifest  # noqa: E402
 from runtimes.backends.torch_runner import CheckpointModules, TorchRunner  # noqa: E402
 from runtimes.bundle import Bundle, sha256_file  # noqa: E402
@@ -91,15 +100,15 @@ MODES = {
 
 
 def make_sampler(bundle: Bundle, device: str, mode: Mode, modules: CheckpointModules | None = None,
-                 **options) -> Sampler:
-    """The runtime sampler on the torch backend in `mode` (CUDA graphs only on a CUDA device); a
-    compiled mode compiles the sampler's token step too."""
+                 head: str = "dense", **options) -> Sampler:
+    """The runtime sampler with `head` on the torch backend in `mode` (CUDA graphs only on a CUDA
+    device); a compiled mode compiles the sampler's dense token step too."""
     modules = modules or CheckpointModules(bundle, load_reference_graphs)
     graphed = mode.cuda_graph and device.startswith("cuda")
     runners = {g: TorchRunner(bundle, g, device, modules, use_cuda_graph=graphed, precision=mode.precision,
                               compile=mode.compile).activate()
-               for g in sampler_graphs(bundle.variant, "dense")}
-    return Sampler.from_bundle(bundle, runners, head="dense", compile=mode.compile, **options)
+               for g in sampler_graphs(bundle.variant, head)}
+    return Sampler.from_bundle(bundle, runners, head=head, compile=mode.compile, **options)
 
 
 def baseline_of(mode_name: str) -> str:
@@ -240,6 +249,35 @@ def host_copies(variant: str, cfg: dict, work: Path, device: str, mode: str, bat
             "ok": sync_error is None and not dtoh}
 
 
+def sparse_vs_dense(model: str, ckpt: Path, work: Path, device: str, mode: str, batch: int, steps: int,
+                    repeat: int) -> dict:
+    """One row of the sparse section: both heads on the same noise in `mode`."""
+    bundle = checkpoint_bundle(ckpt, work / f"sparse-{model}")
+    modules = CheckpointModules(bundle, load_reference_graphs)
+    latent = latent_steps_for(bundle.variant, steps)
+    noise = noise_for(bundle, 0, batch, steps)
+    samplers = {head: make_sampler(bundle, device, MODES[mode], modules, head=head) for head in ("dense", "sparse")}
+    tokens = {head: sampler.sample(noise, latent).tokens.cpu() for head, sampler in samplers.items()}  # captures
+    seconds = {head: timed(lambda sampler=sampler: sampler.sample(noise, latent), device, repeat)
+               for head, sampler in samplers.items()}
+    overhead = sampler_overhead(bundle, samplers["sparse"].runners, noise, latent, lambda: sync(device),
+                                head="sparse")
+    row = {"model": model, "variant": bundle.variant, "V": bundle.shapes["V"], "mode": mode, "batch": batch,
+           "steps": steps, "dense_ms": 1e3 * seconds["dense"], "sparse_ms": 1e3 * seconds["sparse"],
+           "dense_samples_per_s": batch / seconds["dense"], "sparse_samples_per_s": batch / seconds["sparse"],
+           "speedup": seconds["dense"] / seconds["sparse"], "sparse_sampler_overhead": overhead,
+           "tokens_differing": int((tokens["dense"] != tokens["sparse"]).sum())}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def sparse_checkpoint(model: str, work: Path, dry_run: bool) -> Path:
+    """The sparse section's checkpoint: the edge-shaped MDLM (tiny on a dry run) or a shipped example."""
+    if model == "edge-mdlm":
+        return edge_checkpoint(work / "edge-mdlm.pt", DRY if dry_run else EDGE)
+    return ROOT / "examples" / f"{model}.pt"
+
+
 ERRORS: list[str] = []
 
 
@@ -274,6 +312,12 @@ def markdown(report: dict) -> str:
     for r in report["parity"]:
         lines.append(f"| {r['example']} | {r['batch']} | {r['steps']} | "
                      + " | ".join(f"{r.get(f'{m}_token_agreement', float('nan')):.4f}" for m in report["modes"]) + " |")
+    lines += ["", "| model | mode | B | T | dense ms/call | sparse ms/call | speedup | sparse: time outside graphs | "
+              "tokens differing |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in report.get("sparse", []):  # absent from the reports of runs before the section existed
+        lines.append(f"| {r['model']} | {r['mode']} | {r['batch']} | {r['steps']} | {r['dense_ms']:.2f} | "
+                     f"{r['sparse_ms']:.2f} | {r['speedup']:.2f}x | {100 * r['sparse_sampler_overhead']:.1f}% | "
+                     f"{r['tokens_differing']} |")
     hc = report["host_copies"]
     lines += ["", f"host copies in the loop: {json.dumps(hc)}", "", f"targets: {json.dumps(report['targets'])}",
               f"skipped for time: {report['skipped']}", f"errors: {len(report['errors'])} (tracebacks in gpu_check.json)"]
@@ -289,6 +333,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--modes", default=",".join(MODES), help=f"torch backend modes, of {', '.join(MODES)}")
     parser.add_argument("--steps", type=int, default=16, help="token steps per sampling call")
     parser.add_argument("--repeat", type=int, default=3, help="timed calls per measurement (median)")
+    parser.add_argument("--sparse-models", default="edge-mdlm,text-mdlm,text-fuji,text-seq",
+                        help="models of the sparse section (edge-mdlm, or examples/<name>.pt)")
+    parser.add_argument("--sparse-modes", default="eager,graphs", help="torch backend modes of the sparse section")
+    parser.add_argument("--sparse-batches", default="1,32", help="batch sizes of the sparse section")
+    parser.add_argument("--sparse-steps", default="4,16,64", help="token steps of the sparse section")
     parser.add_argument("--budget-s", type=float, default=480.0, help="start no section after this many seconds")
     args = parser.parse_args(argv)
     began = time.perf_counter()
@@ -302,9 +351,14 @@ def main(argv: list[str] | None = None) -> dict:
     torch._dynamo.config.recompile_limit = 64
     cfg, steps = (DRY, 2) if args.dry_run else (BASE, args.steps)
     batches = [int(b) for b in args.batches.split(",")]
+    # A dry run's sparse section: the tiny edge-mdlm at B = 1, 2 and T = 2, in each --sparse-modes entry.
+    sparse_cells = [(model, mode, b, t) for model in (["edge-mdlm"] if args.dry_run else args.sparse_models.split(","))
+                    for mode in args.sparse_modes.split(",")
+                    for b in ([1, 2] if args.dry_run else [int(b) for b in args.sparse_batches.split(",")])
+                    for t in ([2] if args.dry_run else [int(t) for t in args.sparse_steps.split(",")])]
     variants, modes = args.variants.split(","), args.modes.split(",")
-    if unknown := sorted(set(modes) - set(MODES)):
-        sys.exit(f"gpu_check: unknown --modes {unknown}; choose from {', '.join(MODES)}")
+    if unknown := sorted((set(modes) | {mode for _, mode, _, _ in sparse_cells}) - set(MODES)):
+        sys.exit(f"gpu_check: unknown --modes or --sparse-modes {unknown}; choose from {', '.join(MODES)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     examples = sorted((ROOT / "examples").glob("sawtooth-*.pt"))
@@ -312,7 +366,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {"dry_run": args.dry_run, "torch": torch.__version__, "cuda": torch.version.cuda,
               "device_name": torch.cuda.get_device_name() if device == "cuda" else "cpu",
               "config": cfg, "modes": modes, "targets": {"speedup_b1": TARGET_SPEEDUP_B1, "overhead": TARGET_OVERHEAD},
-              "speed": [], "parity": [], "host_copies": {"checked": False, "why": "not run"}, "skipped": [],
+              "speed": [], "parity": [], "host_copies": {"checked": False, "why": "not run"}, "sparse": [], "skipped": [],
               "errors": ERRORS}
 
     def save():
@@ -344,6 +398,11 @@ def main(argv: list[str] | None = None) -> dict:
             report["host_copies"] = section(lambda: host_copies(variants[0], cfg, work, device, graphed[-1],
                                                                 max(batches), steps), {"checked": True, "ok": False})
             save()
+        for model, mode, b, t in sparse_cells:
+            if within_budget(f"sparse {model} {mode} B={b} T={t}"):
+                report["sparse"] += section(lambda: [sparse_vs_dense(model, sparse_checkpoint(model, work, args.dry_run),
+                                                                     work, device, mode, b, t, args.repeat)], [])
+                save()
         speed_rows(batches[1:])
     report["wall_s"] = time.perf_counter() - began
     save()

@@ -44,11 +44,11 @@ from training.model import LDDM  # noqa: E402
 EDGE = dict(vocab_size=32767, seq_len=128, width=256, depth=4, heads=4, cond_dim=128)
 
 
-def edge_checkpoint(path: Path) -> Path:
+def edge_checkpoint(path: Path, config: dict = EDGE) -> Path:
     """The random-weight edge-shaped MDLM (seeded; every weight N(0, 0.02^2), so logits vary)."""
     if not path.is_file():
         torch.manual_seed(0)
-        model = LDDM(ModelConfig(variant="mdlm", **EDGE))
+        model = LDDM(ModelConfig(variant="mdlm", **config))
         with torch.no_grad():
             for p in model.parameters():
                 p.normal_(0.0, 0.02)

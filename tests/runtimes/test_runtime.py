@@ -449,18 +449,23 @@ def test_gpu_check_dry_run_writes_its_report(tmp_path):
     assert all(r["eager_token_agreement"] == r["graphs_token_agreement"] == 1.0  # CPU vs CPU: exact
                for r in report["parity"])
     assert report["host_copies"]["checked"] is False and report["errors"] == []
-    assert "| variant |" in (tmp_path / "gpu_check.md").read_text()
+    assert [(r["model"], r["mode"], r["batch"], r["steps"]) for r in report["sparse"]] == [
+        ("edge-mdlm", mode, b, 2) for mode in ("eager", "graphs") for b in (1, 2)]
+    assert all(r["tokens_differing"] == 0 and r["speedup"] > 0 for r in report["sparse"])
+    table = (tmp_path / "gpu_check.md").read_text()
+    assert "| variant |" in table and "| edge-mdlm | graphs | 2 | 2 |" in table
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("cuda_graph,compile,precision", [
     (False, False, "fp32"), (True, False, "fp32"), (True, True, "fp32"), (True, True, "fp16")])
 def test_cuda_sampling_loop_never_synchronises(bundle, cuda_graph, compile, precision):
+    """The dense head's loop (the sparse head reads each step's row count back, by design)."""
     runners = make_runners(bundle, "torch", precision, "cuda", cuda_graph=cuda_graph, compile=compile,
                            reference=load_reference_graphs)
     for runner in runners.values():
         runner.activate()
-    sampler = Sampler.from_bundle(bundle, runners)
+    sampler = Sampler.from_bundle(bundle, runners, head="dense")
     noise = noise_for(bundle, 0).to("cuda")
     sampler.sample(noise, latent_steps(bundle))  # warm-up (graph capture synchronises)
     torch.cuda.synchronize()
