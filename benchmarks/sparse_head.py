@@ -1,6 +1,7 @@
 """Dense vs sparse head: ms per sampling call and samples/s on ONNX Runtime (CPU), FP32.
 
     python benchmarks/sparse_head.py --threads 1      # results/sparse_head.{json,png}, a markdown table
+    python benchmarks/sparse_head.py --report         # the table and the plot again from the json
 
 The sparse head (docs/design.md, "The sparse head") computes log-probs only at the positions that
 unmask in a step, and skips the head (MDLM and SEQ's token chain: the whole forward) when none
@@ -20,6 +21,7 @@ Bundles are built once under --bundles (FP32, no calibration, no engines).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -105,22 +107,35 @@ def markdown(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
+    """Top: sparse / dense samples/s; bottom: the sparse sampler's time outside the graphs (float64
+    draws solid, float32 dashed) against the 10% target; one column per batch size."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     batches = sorted({r["batch"] for r in rows})
-    fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 3.8), squeeze=False)
-    for ax, batch in zip(axes[0], batches):
-        for model in dict.fromkeys(r["model"] for r in rows):
+    fig, axes = plt.subplots(2, len(batches), figsize=(5 * len(batches), 7), squeeze=False)
+    for column, batch in enumerate(batches):
+        speed, overhead = axes[0][column], axes[1][column]
+        for i, model in enumerate(dict.fromkeys(r["model"] for r in rows)):
             cells = [r for r in rows if r["model"] == model and r["batch"] == batch]
-            ax.plot([r["steps"] for r in cells], [r["speedup"] for r in cells], marker="o", label=model)
-        ax.axhline(1.0, color="gray", lw=1, ls=":")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("token steps T")
-        ax.set_ylabel("sparse / dense samples/s")
-        ax.set_title(f"ORT-CPU FP32, B = {batch}", fontsize=9)
-        ax.legend(fontsize=7)
+            steps, color = [r["steps"] for r in cells], f"C{i}"
+            speed.plot(steps, [r["speedup"] for r in cells], marker="o", color=color, label=model)
+            overhead.plot(steps, [100 * r["sparse_sampler_overhead"] for r in cells], marker="o", color=color,
+                          label=model)
+            overhead.plot(steps, [100 * r["sparse_sampler_overhead_float32_draws"] for r in cells], ls="--",
+                          color=color, alpha=0.6)
+        speed.axhline(1.0, color="gray", lw=1, ls=":")
+        speed.set_ylabel("sparse / dense samples/s")
+        speed.set_title(f"ORT-CPU FP32, B = {batch}", fontsize=9)
+        overhead.axhline(10.0, color="red", lw=1, ls=":", label="target 10%")
+        overhead.set_ylim(bottom=0)
+        overhead.set_ylabel("sparse sampler: time outside graphs (%)")
+        overhead.set_title(f"B = {batch}; dashed: float32 draws", fontsize=9)
+        for ax in (speed, overhead):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("token steps T")
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -136,7 +151,15 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--results", default=str(ROOT / "results"))
+    p.add_argument("--report", action="store_true",
+                   help="measure nothing: the table and the plot again from the results' sparse_head.json")
     args = p.parse_args()
+    results = Path(args.results)
+    if args.report:
+        rows = json.loads((results / "sparse_head.json").read_text())["rows"]
+        plot(rows, results / "sparse_head.png")
+        print(markdown(rows))
+        return
     args.batches = [int(b) for b in args.batches.split(",")]
     args.steps = [int(s) for s in args.steps.split(",")]
     torch.set_num_threads(args.threads)
@@ -145,7 +168,6 @@ def main() -> None:
     for name in args.models.split(","):
         ckpt = edge_checkpoint(bundles / "edge-mdlm.pt") if name == "edge-mdlm" else Path(args.examples) / f"{name}.pt"
         rows += bench_model(benchmark_bundle(ckpt, bundles, batch_max=max(args.batches)), name, args)
-    results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     write_json(results / "sparse_head.json",
                {"command": " ".join(["python", "benchmarks/sparse_head.py", *sys.argv[1:]]),
