@@ -479,6 +479,20 @@ def test_cuda_sampling_loop_never_synchronises(bundle, cuda_graph, compile, prec
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_cuda_sparse_head_agrees_with_the_cpu(bundle, cuda_graph):
+    """The sparse head on CUDA (the head's rows padded to powers of two, so captured graphs replay)."""
+    runners = make_runners(bundle, "torch", "fp32", "cuda", cuda_graph=cuda_graph, reference=load_reference_graphs)
+    for runner in runners.values():
+        runner.activate()
+    sampler = Sampler.from_bundle(bundle, runners, head="sparse")
+    assert sampler.pad_rows
+    result = sampler.sample(noise_for(bundle, 0), latent_steps(bundle))
+    cpu = active_sampler(bundle, "torch", head="sparse").sample(noise_for(bundle, 0), latent_steps(bundle))
+    assert (result.tokens.cpu() == cpu.tokens).double().mean().item() >= 0.99
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["ort", "ort-trt"])
 def test_ort_on_cuda_keeps_outputs_on_the_device_and_agrees(bundle, backend):
     import onnxruntime
