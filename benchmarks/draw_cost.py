@@ -7,7 +7,9 @@ cumsum and search, ~10 torch calls) on N rows of V, timed three ways: back to ba
 right after a pass over --evict-mb of memory (data caches cold); right after one call of the
 text-mdlm example's trunk graph on ONNX Runtime at B = 1 (what precedes it in the sampling loop:
 the graph's code and weights pass through the caches). The trunk call's own time is recorded
-for scale: the draw's share of a B = 1 step is about its time over the trunk's.
+for scale: on the text rows, the draw's share of a B = 1 step is about its time over the trunk's.
+Also timed: what a fresh [N, V] float32 output (as the ORT runner allocates one per call) costs to
+write the first time, against writing it again, and to free.
 Cells: the rows one sparse step draws, about B x L / T: the text examples (V = 1025) at B = 1,
 T = 64, 16, 4 and at B = 32, T = 16; the edge-shaped model (V = 32768) at B = 1, T = 4 and at
 B = 32, T = 16 and 4 (benchmarks/sparse_head.py).
@@ -45,6 +47,25 @@ def median_seconds(fn, before, repeat: int) -> float:
     return statistics.median(times)
 
 
+def fresh_output_ms(rows: int, vocab: int, repeat: int = 5) -> dict:
+    """Milliseconds to write a freshly allocated [rows, vocab] float32 tensor (page faults and
+    all), to write it again (warm), and to free it: medians of `repeat`."""
+    first, again, free = [], [], []
+    for _ in range(repeat):
+        out = torch.empty(rows, vocab)
+        start = time.perf_counter()
+        out.fill_(1.0)
+        first.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        out.fill_(2.0)
+        again.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        del out
+        free.append(time.perf_counter() - start)
+    return {f"{name}_ms": 1e3 * statistics.median(t) for name, t in
+            (("first_write", first), ("second_write", again), ("free", free))}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=1)
@@ -71,11 +92,18 @@ def main() -> None:
         row = {"rows": n, "V": vocab}
         for name, fn in before.items():
             row[f"{name}_ms"] = 1e3 * median_seconds(draw, fn, args.repeat if n * vocab < 1 << 22 else 5)
-        row["after_trunk_share_of_trunk"] = row["after_trunk_ms"] / (1e3 * trunk_s)
+        share = ""
+        if vocab == bundle.shapes["V"]:  # the text model's own rows: the draw against its trunk call
+            row["after_trunk_share_of_trunk"] = row["after_trunk_ms"] / (1e3 * trunk_s)
+            share = f" ({100 * row['after_trunk_share_of_trunk']:.1f}% of the trunk's time)"
+        if vocab > bundle.shapes["V"]:
+            row["fresh_output"] = fresh_output_ms(n, vocab)
         rows.append(row)
         print(f"N = {n:5d}, V = {vocab:6d}: warm {row['warm_ms']:8.3f} ms, evicted {row['evicted_ms']:8.3f} ms, "
-              f"after the trunk {row['after_trunk_ms']:8.3f} ms ({100 * row['after_trunk_share_of_trunk']:.1f}% "
-              f"of the trunk's time)", flush=True)
+              f"after the trunk {row['after_trunk_ms']:8.3f} ms{share}", flush=True)
+        if "fresh_output" in row:
+            print(f"  a fresh [{n}, {vocab}] float32 output: " + ", ".join(
+                f"{name} {ms:.2f}" for name, ms in row["fresh_output"].items()), flush=True)
     trunk.deactivate()
     Path(args.results).mkdir(parents=True, exist_ok=True)
     write_json(Path(args.results) / "draw_cost.json",

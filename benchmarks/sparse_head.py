@@ -128,7 +128,7 @@ def plot(rows: list[dict], path: Path) -> None:
         speed.axhline(1.0, color="gray", lw=1, ls=":")
         speed.set_ylabel("sparse / dense samples/s")
         speed.set_title(f"ORT-CPU FP32, B = {batch}", fontsize=9)
-        overhead.axhline(10.0, color="red", lw=1, ls=":", label="target 10%")
+        overhead.axhline(10.0, color="black", lw=1, ls=":", label="target 10%")
         overhead.set_ylim(bottom=0)
         overhead.set_ylabel("sparse sampler: time outside graphs (%)")
         overhead.set_title(f"B = {batch}; dashed: float32 draws", fontsize=9)
