@@ -38,7 +38,7 @@ class MaskSchedule:
 
     def on_grid(self, steps: int) -> tuple[float, ...]:
         """alpha(t_k) at every t_k of time_grid(steps)."""
-        return _on_grid(MaskSchedule, self.kind, self.eps, steps)
+        return _on_grid(MaskSchedule, self.kind, self.eps, steps, "alpha")
 
 
 class LatentSchedule:
@@ -62,7 +62,7 @@ class LatentSchedule:
 
     def on_grid(self, steps: int) -> tuple[tuple[float, float], ...]:
         """alpha_sigma(t_k) at every t_k of time_grid(steps)."""
-        return _on_grid(LatentSchedule, self.kind, self.eps, steps)
+        return _on_grid(LatentSchedule, self.kind, self.eps, steps, "alpha_sigma")
 
 
 def _f64(t: float) -> torch.Tensor:
@@ -75,10 +75,10 @@ def time_grid(steps: int) -> list[float]:
 
 
 @functools.lru_cache(maxsize=256)
-def _on_grid(schedule_class, kind: str, eps: float, steps: int) -> tuple:
-    """A schedule's values on time_grid(steps) (MaskSchedule.alpha, LatentSchedule.alpha_sigma), cached."""
-    schedule = schedule_class(kind, eps)
-    value = schedule.alpha if schedule_class is MaskSchedule else schedule.alpha_sigma
+def _on_grid(schedule_class, kind: str, eps: float, steps: int, method: str) -> tuple:
+    """The schedule's `method` (MaskSchedule.alpha, LatentSchedule.alpha_sigma) at every point of
+    time_grid(steps), cached per schedule and chain length."""
+    value = getattr(schedule_class(kind, eps), method)
     return tuple(value(t) for t in time_grid(steps))
 
 
