@@ -249,11 +249,9 @@ def host_copies(variant: str, cfg: dict, work: Path, device: str, mode: str, bat
             "ok": sync_error is None and not dtoh}
 
 
-def sparse_vs_dense(model: str, ckpt: Path, work: Path, device: str, mode: str, batch: int, steps: int,
-                    repeat: int) -> dict:
+def sparse_vs_dense(model: str, bundle: Bundle, modules: CheckpointModules, device: str, mode: str, batch: int,
+                    steps: int, repeat: int) -> dict:
     """One row of the sparse section: both heads on the same noise in `mode`."""
-    bundle = checkpoint_bundle(ckpt, work / f"sparse-{model}")
-    modules = CheckpointModules(bundle, load_reference_graphs)
     latent = latent_steps_for(bundle.variant, steps)
     noise = noise_for(bundle, 0, batch, steps)
     samplers = {head: make_sampler(bundle, device, MODES[mode], modules, head=head) for head in ("dense", "sparse")}
@@ -271,11 +269,13 @@ def sparse_vs_dense(model: str, ckpt: Path, work: Path, device: str, mode: str, 
     return row
 
 
-def sparse_checkpoint(model: str, work: Path, dry_run: bool) -> Path:
-    """The sparse section's checkpoint: the edge-shaped MDLM (tiny on a dry run) or a shipped example."""
-    if model == "edge-mdlm":
-        return edge_checkpoint(work / "edge-mdlm.pt", DRY if dry_run else EDGE)
-    return ROOT / "examples" / f"{model}.pt"
+def sparse_model(model: str, work: Path, dry_run: bool) -> tuple[Bundle, CheckpointModules]:
+    """The sparse section's bundle and weights of `model`: the edge-shaped MDLM (tiny on a dry run)
+    or a shipped example."""
+    ckpt = edge_checkpoint(work / "edge-mdlm.pt", DRY if dry_run else EDGE) if model == "edge-mdlm" \
+        else ROOT / "examples" / f"{model}.pt"
+    bundle = checkpoint_bundle(ckpt, work / f"sparse-{model}")
+    return bundle, CheckpointModules(bundle, load_reference_graphs)
 
 
 ERRORS: list[str] = []
@@ -398,10 +398,14 @@ def main(argv: list[str] | None = None) -> dict:
             report["host_copies"] = section(lambda: host_copies(variants[0], cfg, work, device, graphed[-1],
                                                                 max(batches), steps), {"checked": True, "ok": False})
             save()
+        loaded = {}  # model -> (bundle, weights): loaded once for all of its cells
         for model, mode, b, t in sparse_cells:
             if within_budget(f"sparse {model} {mode} B={b} T={t}"):
-                report["sparse"] += section(lambda: [sparse_vs_dense(model, sparse_checkpoint(model, work, args.dry_run),
-                                                                     work, device, mode, b, t, args.repeat)], [])
+                def row():
+                    if model not in loaded:
+                        loaded[model] = sparse_model(model, work, args.dry_run)
+                    return [sparse_vs_dense(model, *loaded[model], device, mode, b, t, args.repeat)]
+                report["sparse"] += section(row, [])
                 save()
         speed_rows(batches[1:])
     report["wall_s"] = time.perf_counter() - began
