@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.bundles import benchmark_bundle  # noqa: E402
 from runtimes.backends import make_runners  # noqa: E402
 from runtimes.fileio import write_json  # noqa: E402
+from runtimes.options import MAX_THREADS, OptionError, check_int  # noqa: E402
 from runtimes.samplers import bridge_tokens, draw_block_rows  # noqa: E402
 
 CELLS = [(2, 1025), (8, 1025), (32, 1025), (256, 1025), (32, 32768), (256, 32768), (1024, 32768)]
@@ -74,6 +75,12 @@ def main() -> None:
     p.add_argument("--bundles", default=str(ROOT / "runs" / "sparse_head_bundles"))
     p.add_argument("--results", default=str(ROOT / "results"))
     args = p.parse_args()
+    try:
+        for name, value, high in (("--threads", args.threads, MAX_THREADS), ("--evict-mb", args.evict_mb, 1 << 14),
+                                  ("--repeat", args.repeat, 10_000)):
+            check_int(name, value, 1, high)
+    except OptionError as e:
+        raise SystemExit(f"draw_cost: {e}")
     torch.set_num_threads(args.threads)
     bundle = benchmark_bundle(ROOT / "examples" / "text-mdlm.pt", Path(args.bundles), batch_max=32)
     trunk = make_runners(bundle, "ort", "fp32", "cpu", graphs=["trunk"], threads=args.threads)["trunk"].activate()

@@ -55,6 +55,7 @@ from lddm_export.manifest import new_manifest  # noqa: E402
 from runtimes.backends.torch_runner import CheckpointModules, TorchRunner  # noqa: E402
 from runtimes.bundle import Bundle, sha256_file  # noqa: E402
 from runtimes.noise import draw_noise, latent_shape  # noqa: E402
+from runtimes.options import MAX_STEPS, OptionError, parse_int_list  # noqa: E402
 from runtimes.samplers import Sampler, sampler_graphs  # noqa: E402
 from runtimes.schedules import latent_steps_for  # noqa: E402
 from runtimes.spec import graph_specs  # noqa: E402
@@ -66,6 +67,7 @@ from training.model import LDDM  # noqa: E402
 BASE = dict(seq_len=128, vocab_size=8192, n_latent=16, latent_dim=32, **PRESETS["base"])
 DRY = dict(seq_len=16, vocab_size=64, n_latent=2, latent_dim=4, **PRESETS["tiny"])
 TARGET_SPEEDUP_B1, TARGET_OVERHEAD = 5.0, 0.10
+BATCH_PROFILE = {"min": 1, "opt": 8, "max": 64}   # of every bundle this script makes
 
 
 def checkpoint_bundle(ckpt: Path, out: Path) -> Bundle:
@@ -76,7 +78,7 @@ def checkpoint_bundle(ckpt: Path, out: Path) -> Bundle:
                         cfg.prompt_latent)
     graphs = {name: {**spec.to_dict(), "onnx": {}} for name, spec in specs.items()}
     manifest = new_manifest(raw["config"], raw["tokenizer"], raw["train"].get("data"), ckpt, sha256_file(ckpt),
-                            graphs, {"min": 1, "opt": 8, "max": 64}, opset=18)
+                            graphs, BATCH_PROFILE, opset=18)
     out.mkdir(parents=True, exist_ok=True)
     (out / "manifest.json").write_text(json.dumps(manifest))
     return Bundle.open(out)
@@ -278,6 +280,25 @@ def sparse_model(model: str, work: Path, dry_run: bool) -> tuple[Bundle, Checkpo
     return bundle, CheckpointModules(bundle, load_reference_graphs)
 
 
+def sparse_section_cells(args) -> list[tuple[str, str, int, int]]:
+    """(model, mode, B, T) of every sparse-section row, checked; a dry run's: the tiny edge-mdlm at
+    B = 1, 2 and T = 2, in each --sparse-modes entry."""
+    models = ["edge-mdlm"] if args.dry_run else args.sparse_models.split(",")
+    shipped = {path.stem for path in (ROOT / "examples").glob("*.pt")}
+    if missing := [m for m in models if m != "edge-mdlm" and m not in shipped]:
+        sys.exit(f"gpu_check: --sparse-models {missing} are neither edge-mdlm nor examples/<name>.pt; "
+                 f"name shipped examples, e.g. text-mdlm")
+    try:
+        batches = [1, 2] if args.dry_run else parse_int_list("--sparse-batches", args.sparse_batches, 1, BATCH_PROFILE["max"],
+                                                             "batch sizes separated by commas, e.g. 1,32")
+        steps = [2] if args.dry_run else parse_int_list("--sparse-steps", args.sparse_steps, 1, MAX_STEPS,
+                                                        "token step counts separated by commas")
+    except OptionError as e:
+        sys.exit(f"gpu_check: {e}")
+    return [(model, mode, b, t) for model in models for mode in args.sparse_modes.split(",")
+            for b in batches for t in steps]
+
+
 ERRORS: list[str] = []
 
 
@@ -351,11 +372,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch._dynamo.config.recompile_limit = 64
     cfg, steps = (DRY, 2) if args.dry_run else (BASE, args.steps)
     batches = [int(b) for b in args.batches.split(",")]
-    # A dry run's sparse section: the tiny edge-mdlm at B = 1, 2 and T = 2, in each --sparse-modes entry.
-    sparse_cells = [(model, mode, b, t) for model in (["edge-mdlm"] if args.dry_run else args.sparse_models.split(","))
-                    for mode in args.sparse_modes.split(",")
-                    for b in ([1, 2] if args.dry_run else [int(b) for b in args.sparse_batches.split(",")])
-                    for t in ([2] if args.dry_run else [int(t) for t in args.sparse_steps.split(",")])]
+    sparse_cells = sparse_section_cells(args)
     variants, modes = args.variants.split(","), args.modes.split(",")
     if unknown := sorted((set(modes) | {mode for _, mode, _, _ in sparse_cells}) - set(MODES)):
         sys.exit(f"gpu_check: unknown --modes or --sparse-modes {unknown}; choose from {', '.join(MODES)}")

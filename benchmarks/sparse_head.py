@@ -156,6 +156,9 @@ def main() -> None:
     args = p.parse_args()
     results = Path(args.results)
     if args.report:
+        if not (results / "sparse_head.json").is_file():
+            raise SystemExit(f"--report: {results / 'sparse_head.json'} does not exist; run the benchmark first "
+                             f"or pass the --results folder that holds it")
         rows = json.loads((results / "sparse_head.json").read_text())["rows"]
         plot(rows, results / "sparse_head.png")
         print(markdown(rows))
